@@ -1,0 +1,93 @@
+"""Code systems, profiles and the curated code tables the contract and the mappers share.
+
+The tables live in ``codes.json`` beside this module (data, not if-chains) and are read
+once on first use. Facts in it come from ``shared/reference/codes.json``; match on codes,
+never on displays, because RxNorm and LOINC displays drift between releases.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+# --- code system URIs (exact strings; see shared/reference/terminology.md) -----------------
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+CPT = "http://www.ama-assn.org/go/cpt"
+HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
+HCPCS_ALT = "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
+UCUM = "http://unitsofmeasure.org"
+NDC = "http://hl7.org/fhir/sid/ndc"
+NPI = "http://hl7.org/fhir/sid/us-npi"
+DEA = "urn:oid:2.16.840.1.113883.4.814"  # DEA registration number (HL7 OID registry)
+NCPDP_PROVIDER = "urn:oid:2.16.840.1.113883.6.300"  # NCPDP Provider Identification Number
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+OBSERVATION_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+US_CORE_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/us-core-category"
+CAREPLAN_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category"
+MEDREQ_CATEGORY = "http://terminology.hl7.org/CodeSystem/medicationrequest-category"
+MEDREQ_COURSE = "http://terminology.hl7.org/CodeSystem/medicationrequest-course-of-therapy"
+MEDDISPENSE_CATEGORY = "http://terminology.hl7.org/fhir/CodeSystem/medicationdispense-category"
+V3_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+V3_CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+V3_ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+V3_ROLE_CLASS = "http://terminology.hl7.org/CodeSystem/v3-RoleClass"
+CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+CONSENT_ACTION = "http://terminology.hl7.org/CodeSystem/consentaction"
+RESOURCE_TYPES = "http://hl7.org/fhir/resource-types"
+CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
+DIAGNOSIS_ROLE = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
+PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+
+# The project's own canonical base: extensions, code systems and default identifier systems
+# for concepts no public code system has (review actions, attendance, data categories, ...).
+CANONICAL = "https://iop-fhir.org/fhir"
+
+
+def extension_url(name: str) -> str:
+    """Canonical URL of one of the project's extensions."""
+    return f"{CANONICAL}/StructureDefinition/{name}"
+
+
+def code_system(name: str) -> str:
+    """Canonical URL of one of the project's local code systems."""
+    return f"{CANONICAL}/CodeSystem/{name}"
+
+
+US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
+
+
+def us_core(profile: str) -> str:
+    """Canonical URL of a US Core profile, e.g. ``us_core("us-core-patient")``."""
+    return US_CORE + profile
+
+
+@cache
+def tables() -> dict[str, Any]:
+    """The curated code tables from ``codes.json`` (read once, then shared read-only)."""
+    text = resources.files(__package__).joinpath("codes.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def medication(rxcui: str) -> dict[str, Any] | None:
+    """What the tables know of an RxNorm product: class, ingredient, DEA schedule, MAT use."""
+    return tables()["medications"].get(rxcui)
+
+
+def icd10_display(code: str) -> str | None:
+    return tables()["icd10cm"].get(code)
+
+
+def instrument(name: str) -> dict[str, Any]:
+    return tables()["instruments"][name]
+
+
+def is_substance_use_diagnosis(icd10: str) -> bool:
+    """F10–F19 are the mental and behavioural disorders due to psychoactive substance use."""
+    return len(icd10) >= 3 and icd10[0] == "F" and icd10[1:3].isdigit() and 10 <= int(icd10[1:3]) <= 19
