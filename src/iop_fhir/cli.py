@@ -36,7 +36,7 @@ def _progress(items: Iterable[Any], label: str, total: int | None = None) -> Ite
 
 def _open_input(path: str) -> IO[str]:
     if path == "-":
-        return click.get_text_stream("stdin")
+        return sys.stdin
     try:
         return open(path, encoding="utf-8")  # noqa: SIM115 - closed by the caller's context
     except OSError as exc:
@@ -60,7 +60,7 @@ class _Output:
     def binary(self) -> IO[bytes]:
         if self.stream is None:
             if self.path in (None, "-"):
-                self.stream = click.get_binary_stream("stdout")
+                self.stream = sys.stdout.buffer
             else:
                 try:
                     self.stream = open(self.path, "wb")  # noqa: SIM115 - closed in __exit__

@@ -40,13 +40,15 @@ from iop_fhir.record.validate import validate_record
 
 JSON = dict[str, Any]
 
-# Dependency order: a family only points at families before it (Provenance points at all).
+# The order families are mapped in (and read back in: parties and the patient first, so the
+# reverse of later families can resolve references to them). The bundle's entry order is
+# then made reference-resolving by ``_dependency_order``.
 FAMILIES: tuple[ModuleType, ...] = (
     organization,
-    care_team,
     patient,
-    episode,
+    care_team,
     condition,
+    episode,
     medication_request,
     medication_review,
     encounter,
@@ -58,7 +60,7 @@ FAMILIES: tuple[ModuleType, ...] = (
 
 
 def record_to_resources(record: IopRecord) -> list[JSON]:
-    """Every FHIR resource a record maps to, in reference-resolving order (Provenance last)."""
+    """Every FHIR resource a record maps to, each after the resources it references."""
     ctx = MappingContext(record)
     resources: list[JSON] = []
     for family in FAMILIES:
@@ -66,7 +68,51 @@ def record_to_resources(record: IopRecord) -> list[JSON]:
             resources.extend(provenance.to_fhir(ctx, resources))
         else:
             resources.extend(family.to_fhir(ctx))
-    return resources
+    return _dependency_order(resources)
+
+
+def _references(value: Any, found: list[str]) -> list[str]:
+    """Every ``urn:uuid:`` reference inside a resource (the entries it depends on)."""
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str) and ref.startswith("urn:uuid:"):
+            found.append(ref[9:])
+        for item in value.values():
+            if isinstance(item, (dict, list)):
+                _references(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, (dict, list)):
+                _references(item, found)
+    return found
+
+
+def _dependency_order(resources: list[JSON]) -> list[JSON]:
+    """A stable topological order: each resource after those it references.
+
+    Record order can put a replacement prescription before the one it replaces, so family
+    order alone does not resolve every reference. Ties keep mapping order, so the output
+    stays deterministic; a reference cycle (none exists by design) keeps the cycle's order.
+    """
+    by_id = {r["id"]: i for i, r in enumerate(resources)}
+    placed: list[bool] = [False] * len(resources)
+    ordered: list[JSON] = []
+
+    def place(i: int, visiting: set[int]) -> None:
+        if placed[i] or i in visiting:
+            return
+        visiting.add(i)
+        for target in _references(resources[i], []):
+            j = by_id.get(target)
+            if j is not None and j != i:
+                place(j, visiting)
+        visiting.discard(i)
+        placed[i] = True
+        ordered.append(resources[i])
+
+    for i in range(len(resources)):
+        place(i, set())
+    return ordered
 
 
 def record_to_bundle(record: IopRecord) -> JSON:
@@ -86,15 +132,14 @@ def record_bundle_id(record: IopRecord) -> str:
 
 
 def _entry(resource: JSON) -> JSON:
-    identifier = resource["identifier"][0]
-    return {
-        "fullUrl": f"urn:uuid:{resource['id']}",
-        "resource": resource,
-        "request": {
-            "method": "PUT",
-            "url": f"{resource['resourceType']}?identifier={identifier['system']}|{identifier['value']}",
-        },
-    }
+    rtype = resource["resourceType"]
+    if "identifier" in resource:
+        identifier = resource["identifier"][0]
+        url = f"{rtype}?identifier={identifier['system']}|{identifier['value']}"
+    else:
+        # R4 Provenance has no identifier element: its deterministic id makes the write idempotent.
+        url = f"{rtype}/{resource['id']}"
+    return {"fullUrl": f"urn:uuid:{resource['id']}", "resource": resource, "request": {"method": "PUT", "url": url}}
 
 
 @dataclass

@@ -24,16 +24,17 @@ class MappingContext:
         self.record = record
         self.ids = Ids(record.program.id, record.id, record.program.identifier_system)
 
-    # references to the resources every family points at
-    @cached_property
+    # References to the resources every family points at. Each call gives a fresh dict, so a
+    # mapper that adds to one (a display, say) cannot change it in every other resource.
+    @property
     def patient(self) -> JSON:
         return self.ids.reference("Patient", "mrn", self.record.client.mrn, shared=True)
 
-    @cached_property
+    @property
     def episode(self) -> JSON:
         return self.ids.reference("EpisodeOfCare", "episode", self.record.id, shared=True)
 
-    @cached_property
+    @property
     def organization(self) -> JSON:
         return self.ids.reference("Organization", "organization", self.record.program.id, shared=True)
 
@@ -95,15 +96,16 @@ class ResourceIndex:
     def add(self, resource: JSON, full_url: str | None = None) -> None:
         self.resources.append(resource)
         rtype = resource.get("resourceType", "")
-        self.by_type[rtype].append(resource)
+        self.by_type[rtype if isinstance(rtype, str) else ""].append(resource)
         rid = resource.get("id")
-        if rid:
+        if isinstance(rid, str) and rid:
             self.by_reference[f"{rtype}/{rid}"] = resource
             self.by_reference[f"urn:uuid:{rid}"] = resource
         if full_url:
             self.by_reference[full_url] = resource
-        for contained in resource.get("contained", []):
-            if contained.get("id"):
+        contained_list = resource.get("contained")
+        for contained in contained_list if isinstance(contained_list, list) else []:
+            if isinstance(contained, dict) and isinstance(contained.get("id"), str):
                 self.by_reference[f"#{contained['id']}@{id(resource)}"] = contained
 
     def of_type(self, resource_type: str) -> list[JSON]:
@@ -112,7 +114,7 @@ class ResourceIndex:
     def resolve(self, reference: JSON | str | None, holder: JSON | None = None) -> JSON | None:
         """The resource a reference names, if it is in the index (contained ones via ``holder``)."""
         ref = reference.get("reference") if isinstance(reference, dict) else reference
-        if not ref:
+        if not isinstance(ref, str) or not ref:
             return None
         if ref.startswith("#") and holder is not None:
             return self.by_reference.get(f"{ref}@{id(holder)}")
@@ -135,14 +137,14 @@ def local_id(resource: JSON, kind: str, report: MappingReport | None = None, *, 
     references inside the rebuilt record still resolve.
     """
     suffix = f"/{kind}"
-    for ident in resource.get("identifier", []) or []:
-        system, value = ident.get("system", ""), ident.get("value")
-        if system.endswith(suffix) and value:
+    for ident in _identifiers(resource):
+        system, value = ident.get("system"), ident.get("value")
+        if isinstance(system, str) and isinstance(value, str) and system.endswith(suffix) and value:
             candidate = value if shared else value.split("/", 1)[-1]
             if LOCAL_ID.match(candidate):
                 return candidate
     rid = resource.get("id")
-    if rid and LOCAL_ID.match(rid):
+    if isinstance(rid, str) and LOCAL_ID.match(rid):
         if report is not None:
             report.info(f"{resource.get('resourceType')}/{rid}.identifier", f"no {kind} identifier of an IOP program; the resource id stands in")
         return rid
@@ -152,8 +154,14 @@ def local_id(resource: JSON, kind: str, report: MappingReport | None = None, *, 
 def identifier_base(resource: JSON, kind: str) -> str | None:
     """The program's identifier system base, read from one of our identifiers."""
     suffix = f"/{kind}"
-    for ident in resource.get("identifier", []) or []:
-        system = ident.get("system", "")
-        if system.endswith(suffix):
+    for ident in _identifiers(resource):
+        system = ident.get("system")
+        if isinstance(system, str) and system.endswith(suffix):
             return system[: -len(suffix)]
     return None
+
+
+def _identifiers(resource: JSON) -> list[JSON]:
+    """A resource's identifiers, tolerating foreign shapes (not a list, not objects)."""
+    found = resource.get("identifier") if isinstance(resource, dict) else None
+    return [i for i in found if isinstance(i, dict)] if isinstance(found, list) else []

@@ -12,7 +12,7 @@ import datetime as dt
 import html
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, get_args
 
 from iop_fhir.terminology import UCUM, extension_url
 
@@ -208,8 +208,9 @@ def extension(name: str, **value: Any) -> JSON:
 
 def extension_value(resource: JSON, name: str, value_key: str) -> Any:
     url = extension_url(name)
-    for ext in resource.get("extension", []):
-        if ext.get("url") == url:
+    extensions = resource.get("extension") if isinstance(resource, dict) else None
+    for ext in extensions if isinstance(extensions, list) else []:
+        if isinstance(ext, dict) and ext.get("url") == url:
             return ext.get(value_key)
     return None
 
@@ -247,3 +248,174 @@ def as_dict(value: Any) -> JSON:
 def as_list(value: Any) -> list[Any]:
     """``value`` if it is a JSON array, else ``[]``."""
     return value if isinstance(value, list) else []
+
+
+def own_extensions(element: Any, report: Any = None, where: str = "") -> dict[str, JSON]:
+    """The project's extensions on an element by short name (first of each).
+
+    Any other extension is data the record has no place for: with a ``report``
+    (a MappingReport) each is reported as a warning at ``where``.
+    """
+    prefix = extension_url("")
+    ours: dict[str, JSON] = {}
+    for ext in as_list(as_dict(element).get("extension")):
+        url = as_dict(ext).get("url")
+        if isinstance(url, str) and url.startswith(prefix):
+            ours.setdefault(url[len(prefix):], ext)
+        elif report is not None:
+            report.warning(f"{where}.extension", f"extension {url!r} is not one the record can carry")
+    return ours
+
+
+def unknown_modifiers(resource: JSON, report: Any) -> bool:
+    """Whether ``resource`` has modifier extensions; if so report it (an error) to ``report``.
+
+    FHIR forbids reading a resource whose modifier extensions one does not understand, and
+    the gateway understands none: the caller leaves the resource out.
+    """
+    if not resource.get("modifierExtension"):
+        return False
+    report.error(where(resource, "modifierExtension"), "modifier extensions the gateway does not know: left out", code="not-supported")
+    return True
+
+
+# --- times of day -----------------------------------------------------------------------------
+
+
+def fhir_time(value: dt.time) -> str:
+    """A FHIR ``time`` (``hh:mm:ss``, fractions kept). FHIR times carry no offset, so one is dropped."""
+    return value.replace(tzinfo=None).isoformat()
+
+
+def parse_time(value: Any) -> dt.time | None:
+    """A FHIR ``time`` as a naive ``datetime.time``, or None if it is not one."""
+    if not isinstance(value, str) or len(value) < 8:
+        return None
+    try:
+        parsed = dt.time.fromisoformat(value)
+    except ValueError:
+        return None
+    return None if parsed.tzinfo else parsed
+
+
+# --- untrusted JSON: typed parts, locations, contract checks -------------------------------------
+
+# What reading a foreign resource of an unexpected shape may raise. ``read_each`` catches these
+# per resource, so one odd resource is reported and left out instead of ending the conversion.
+SHAPE_ERRORS = (AttributeError, TypeError, KeyError, ValueError, IndexError)
+
+
+def nonblank(value: Any) -> str | None:
+    """``value`` if it is a string with some non-space character, else None."""
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def strings(value: Any) -> list[str]:
+    """The non-blank strings of a JSON array; ``[]`` for anything else, a bare string included."""
+    return [v for v in as_list(value) if nonblank(v)]
+
+
+def names_in(value: Any) -> list[JSON]:
+    """The HumanNames of untrusted JSON, their list parts kept to strings.
+
+    So ``name_from_fhir(names_in(x))`` neither crashes on ``"name": "Bob"`` nor reads
+    ``"given": "Ann"`` as the letters ``["A", "n", "n"]``.
+    """
+    return [{**n, **{k: strings(n[k]) for k in ("given", "prefix", "suffix") if k in n}} for n in as_list(value) if isinstance(n, dict)]
+
+
+def addresses_in(value: Any) -> list[JSON]:
+    """The Addresses of untrusted JSON, ``line`` kept to strings (see ``names_in``)."""
+    return [{**a, "line": strings(a.get("line"))} for a in as_list(value) if isinstance(a, dict)]
+
+
+def where(resource: JSON, path: str = "") -> str:
+    """A report location for (a part of) a resource: ``Patient/p1.birthDate``."""
+    rtype = nonblank(resource.get("resourceType")) or "Resource"
+    rid = nonblank(resource.get("id"))
+    head = f"{rtype}/{rid}" if rid else rtype
+    return f"{head}.{path}" if path else head
+
+
+def read_each(resources: list[JSON], read: Any, report: Any) -> list[Any]:
+    """``read(resource)`` for each resource, keeping the results that are not None.
+
+    A resource whose shape breaks the reader (SHAPE_ERRORS) is reported to ``report`` (a
+    MappingReport) as an error and left out.
+    """
+    out = []
+    for resource in resources:
+        try:
+            item = read(resource)
+        except SHAPE_ERRORS as exc:
+            report.error(where(as_dict(resource)), f"unreadable: {type(exc).__name__}: {exc}", code="structure")
+            continue
+        if item is not None:
+            out.append(item)
+    return out
+
+
+def settle(model: Any, item: JSON, report: Any, location: str) -> JSON | None:
+    """``item`` (JSON-shaped) once the contract model ``model`` accepts it, else None.
+
+    Reverse mappers check each item they build, so a problem is reported where it came from
+    instead of failing the whole record later. Optional fields the model refuses are dropped
+    with a warning (the rest of the item is worth having); if a required field is refused, the
+    item is reported to ``report`` (a MappingReport) as an error and left out.
+    """
+    for _ in range(2):
+        try:
+            model.model_validate(item)
+            return item
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            errors = exc.errors(include_url=False) if hasattr(exc, "errors") else []
+        problems = {}
+        for e in errors:
+            key = str(e["loc"][0]) if e["loc"] else ""
+            problems.setdefault(key, f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}")
+        required = {name for name, f in model.model_fields.items() if f.is_required()}
+        if not problems or "" in problems or required & problems.keys():
+            report.error(location, "left out; the contract refuses it: " + "; ".join(problems.values()))
+            return None
+        item = dict(item)
+        for key, why in problems.items():
+            report.warning(location, f"{key} left out; the contract refuses it: {why}")
+            item.pop(key, None)
+    return None
+
+
+def identifier_values(resource: JSON, system: str) -> list[str]:
+    """The string values of a resource's identifiers in ``system``, in order."""
+    return [i["value"] for i in as_list(resource.get("identifier")) if isinstance(i, dict) and i.get("system") == system and nonblank(i.get("value"))]
+
+
+def readable_ids(resource: JSON) -> JSON:
+    """A shallow copy of ``resource`` whose ``id`` and ``identifier`` have the types
+    ``context.local_id`` and ``identifier_base`` expect (foreign JSON may hold anything there)."""
+    idents = [i for i in as_list(resource.get("identifier")) if isinstance(i, dict) and all(isinstance(i.get(k, ""), str) for k in ("system", "value"))]
+    return {**resource, "id": nonblank(resource.get("id")), "identifier": idents}
+
+
+def identifier_kind(resource: JSON, kinds: tuple[str, ...]) -> str | None:
+    """Which of ``kinds`` a resource's business identifier names (system ``{base}/{kind}``), if any."""
+    for ident in readable_ids(resource)["identifier"]:
+        system = ident.get("system", "")
+        for kind in kinds:
+            if system.endswith(f"/{kind}") and ident.get("value"):
+                return kind
+    return None
+
+
+def reference_text(value: Any) -> str | None:
+    """The ``reference`` string of a Reference in untrusted JSON (for ``ResourceIndex.resolve``), else None."""
+    return nonblank(as_dict(value).get("reference"))
+
+
+def choices(model: Any, field: str) -> frozenset[str]:
+    """The values a ``Literal`` field of a contract model allows (``Literal | None`` too), so
+    reverse mappers check codes against the contract itself, not a copy that may drift."""
+
+    def values(annotation: Any) -> list[str]:
+        return [v for arg in get_args(annotation) for v in ([arg] if isinstance(arg, str) else values(arg))]
+
+    return frozenset(values(model.model_fields[field].annotation))

@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -26,6 +27,7 @@ from pydantic import (
     PlainSerializer,
     StringConstraints,
     WithJsonSchema,
+    model_validator,
 )
 
 RECORD_VERSION = "iop-record/1"
@@ -37,8 +39,21 @@ LocalId = Annotated[
     StringConstraints(pattern=r"^[A-Za-z0-9\-.]{1,64}$"),
     Field(description="Local identifier: letters, digits, '-' and '.', at most 64 (the FHIR id alphabet)."),
 ]
-NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=4000, strip_whitespace=False)]
-ShortText = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+# Text must hold a visible character (FHIR strings may not be whitespace only) and no control
+# characters other than tab, CR and LF (FHIR forbids them and XML cannot carry them).
+TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f]*[^\s\x00-\x1f][^\x00-\x08\x0b\x0c\x0e-\x1f]*$"
+NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=4000, pattern=TEXT_PATTERN)]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=TEXT_PATTERN)]
+
+
+def _local_time(value: dt.time) -> dt.time:
+    # FHIR ``time`` is a wall-clock time of day with no offset; an offset would be lost.
+    if value.tzinfo is not None:
+        raise ValueError("a time of day has no UTC offset (write 08:00:00, not 08:00:00Z)")
+    return value
+
+
+TimeOfDay = Annotated[dt.time, AfterValidator(_local_time)]
 
 
 def _number(value: Decimal) -> int | float:
@@ -90,8 +105,16 @@ class Address(Model):
 
 
 class Contact(Model):
+    """How to reach someone: a phone number, an email address, or both (not neither)."""
+
     phone: Annotated[str, StringConstraints(pattern=r"^\+?[0-9 ()\-.]{7,20}$")] | None = None
     email: Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Contact:
+        if self.phone is None and self.email is None:
+            raise ValueError("a contact needs a phone or an email (leave contact out instead)")
+        return self
 
 
 class Period(Model):
@@ -111,8 +134,11 @@ class Quantity(Model):
 LevelOfCare = Literal["IOP", "virtual-IOP", "hybrid-IOP", "PHP", "OP"]
 
 
+Uri = Annotated[str, StringConstraints(pattern=r"^(https?://|urn:)\S+$", max_length=300)]
+
+
 class Identifier(Model):
-    system: Annotated[str, StringConstraints(min_length=1, max_length=300)]
+    system: Uri
     value: ShortText
 
 
@@ -231,7 +257,7 @@ class Timing(Model):
     frequency: int = Field(ge=1, le=24)
     period: Amount = Field(gt=0)
     period_unit: Literal["h", "d", "wk", "mo"]
-    times_of_day: list[dt.time] = Field(default_factory=list, max_length=8)
+    times_of_day: list[TimeOfDay] = Field(default_factory=list, max_length=8)
 
 
 DeaSchedule = Literal["II", "III", "IV", "V"]
@@ -322,7 +348,7 @@ class Assessment(Model):
     instrument: Instrument
     date: AwareDatetime
     items: list[AssessmentItem] = Field(default_factory=list, max_length=10)
-    total: int = Field(ge=0, le=27)
+    total: int = Field(ge=0, le=27, description="Sum of the scored items; for the C-SSRS screen, the number of yes answers.")
     severity: Annotated[str, StringConstraints(pattern=r"^[a-z\-]{1,30}$")] = Field(
         description="The instrument's severity band for the total (docs/record.md lists them)."
     )

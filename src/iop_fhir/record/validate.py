@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from iop_fhir import terminology
 from iop_fhir.errors import IssueList, RecordInvalid
-from iop_fhir.record.model import RECORD_VERSION, Assessment, IopRecord
+from iop_fhir.record.model import RECORD_VERSION, TEXT_PATTERN, Assessment, IopRecord
 
 DOSE_UNITS = frozenset({"mg", "g", "ug", "mL", "{tbl}", "{Capsule}", "{spray}", "{Package}", "{patch}", "1"})
 INACTIVE_PRESCRIPTION = frozenset({"stopped", "completed", "cancelled", "entered-in-error"})
@@ -60,6 +60,8 @@ def _pydantic_message(err: dict[str, Any]) -> str:
         return "required field is missing"
     if err["type"] == "extra_forbidden":
         return "unknown field (the contract does not define it)"
+    if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == TEXT_PATTERN:
+        return "text needs a visible character and no control characters other than tab, CR and LF"
     return str(err["msg"])
 
 
@@ -176,7 +178,9 @@ def _dates(record: IopRecord, issues: IssueList) -> None:
     if record.discharge:
         if record.discharge.date < e.start:
             issues.add("/discharge/date", "discharge is before the enrolment start")
-        if e.actual_end and record.discharge.date != e.actual_end:
+        if e.actual_end is None:
+            issues.add("/enrolment/actual_end", "a discharged client's enrolment needs its actual end (the discharge date)", code="required")
+        elif record.discharge.date != e.actual_end:
             issues.add("/discharge/date", "discharge date differs from the enrolment's actual end")
         if e.status not in ("finished", "cancelled"):
             issues.add("/enrolment/status", "a discharged client's enrolment must be finished or cancelled")
@@ -208,14 +212,28 @@ def _dates(record: IopRecord, issues: IssueList) -> None:
         if plan.period.end and plan.period.end < plan.period.start:
             issues.add("/care_plan/period/end", "plan ends before it starts")
         for i, g in enumerate(plan.goals):
+            if g.target and not _in_range(g.target.value, terminology.instrument(g.target.measure)["range"]):
+                low, high = terminology.instrument(g.target.measure)["range"]
+                issues.add(f"/care_plan/goals/{i}/target/value", f"{g.target.measure} totals lie in {low}-{high}")
             if g.target and g.target.due and g.target.due < plan.period.start:
                 issues.add(f"/care_plan/goals/{i}/target/due", "target is due before the plan starts")
     for i, c in enumerate(record.consents):
         base = f"/consents/{i}"
         if c.period.end and c.period.end < c.period.start:
             issues.add(f"{base}/period/end", "consent period ends before it starts")
+        if len(set(c.categories)) != len(c.categories):
+            issues.add(f"{base}/categories", "a category is listed twice")
         if c.revoked_on and c.revoked_on < c.signed:
             issues.add(f"{base}/revoked_on", "revoked before it was signed")
+
+
+def ids_base(record: IopRecord) -> str:
+    """The base of the identifier systems the program mints (see mappers/ids.py)."""
+    return (record.program.identifier_system or f"{terminology.CANONICAL}/sid/{record.program.id}").rstrip("/")
+
+
+def _in_range(value: int, bounds: list[int]) -> bool:
+    return bounds[0] <= value <= bounds[1]
 
 
 def _parties(record: IopRecord, issues: IssueList) -> None:
@@ -228,6 +246,11 @@ def _parties(record: IopRecord, issues: IssueList) -> None:
         for i, party in enumerate(getattr(record, name)):
             if party.npi and not npi_is_valid(party.npi):
                 issues.add(f"/{name}/{i}/npi", f"NPI {party.npi} fails its Luhn check digit")
+    for i, ident in enumerate(record.program.identifiers):
+        if ident.system == terminology.NPI:
+            issues.add(f"/program/identifiers/{i}/system", "the program's NPI goes in /program/npi")
+        elif ident.system.startswith(ids_base(record)):
+            issues.add(f"/program/identifiers/{i}/system", "this system is the program's own; the gateway mints those identifiers")
     if record.program.npi and not npi_is_valid(record.program.npi):
         issues.add("/program/npi", f"NPI {record.program.npi} fails its Luhn check digit")
     primaries = [i for i, d in enumerate(record.diagnoses) if d.rank == "primary"]
@@ -269,6 +292,8 @@ def _prescriptions(record: IopRecord, issues: IssueList) -> None:
                 f"RxNorm {p.medication.rxnorm} ({known['display']}) is Schedule {known['dea_schedule'] or 'none'}, "
                 f"not {p.dea_schedule or 'none'}",
             )
+        if known and known["mat"] and not p.mat:
+            issues.add(f"{base}/mat", f"{known['display']} is medication-assisted treatment; set mat to true")
         schedule = p.dea_schedule
         if schedule == "II" and p.refills != 0:
             issues.add(f"{base}/refills", "Schedule II prescriptions may not be refilled (21 CFR 1306.12)")

@@ -210,3 +210,53 @@ def test_helpers():
     assert add_months(dt.date(2026, 1, 31), 1) == dt.date(2026, 2, 28)
     assert add_months(dt.date(2026, 8, 15), 6) == dt.date(2027, 2, 15)
     assert pointer(("prescriptions", 0, "a/b")) == "/prescriptions/0/a~1b"
+
+
+def test_text_needs_visible_characters_and_no_controls(example_json):
+    example_json["client"]["name"]["family"] = "A\x0cB"
+    example_json["prescriptions"][0]["instructions"] = "   "
+    found = problems(example_json)
+    assert "control characters" in found["/client/name/family"]
+    assert "visible character" in found["/prescriptions/0/instructions"]
+
+
+def test_times_of_day_have_no_offset(example_json):
+    example_json["prescriptions"][0]["timing"]["times_of_day"] = ["08:00:00Z"]
+    assert "no UTC offset" in problems(example_json)["/prescriptions/0/timing/times_of_day/0"]
+
+
+def test_mat_drugs_are_flagged(example_json):
+    example_json["prescriptions"][2]["mat"] = False
+    assert "medication-assisted" in problems(example_json)["/prescriptions/2/mat"]
+
+
+def test_discharge_needs_actual_end(example_json):
+    example_json["enrolment"].update(status="cancelled")
+    del example_json["enrolment"]["actual_end"]
+    assert "/enrolment/actual_end" in problems(example_json)
+
+
+def test_goal_target_within_instrument_range(example_json):
+    example_json["care_plan"]["goals"][0]["target"].update(measure="PHQ-2", value=10)
+    assert "0-6" in problems(example_json)["/care_plan/goals/0/target/value"]
+
+
+def test_contact_needs_a_value_and_identifiers_are_uris(example_json):
+    example_json["client"]["contact"] = {}
+    example_json["program"]["identifiers"].append({"system": "not a uri", "value": "x"})
+    found = problems(example_json)
+    assert "phone or an email" in found["/client/contact"]
+    assert "/program/identifiers/1/system" in found
+
+
+def test_program_identifiers_do_not_shadow_npi_or_minted_systems(example_json):
+    example_json["program"]["identifiers"].append({"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"})
+    example_json["program"]["identifiers"].append({"system": "https://iop-fhir.org/fhir/sid/riverbend-iop/mrn", "value": "x"})
+    found = problems(example_json)
+    assert "/program/npi" in found["/program/identifiers/1/system"]
+    assert "mints" in found["/program/identifiers/2/system"]
+
+
+def test_consent_categories_are_unique(example_json):
+    example_json["consents"][0]["categories"] = ["medications", "medications"]
+    assert "twice" in problems(example_json)["/consents/0/categories"]
