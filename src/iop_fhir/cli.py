@@ -257,5 +257,76 @@ class _ResultWriter:
         return fhir_json.dumps(document, pretty=pretty)
 
 
+def _server_app(overrides: dict[str, Any]) -> Any:
+    """The gateway app for serving, with library errors (configuration, database) as messages."""
+    from iop_fhir.serve import build_app
+
+    try:
+        return build_app(overrides)
+    except IopFhirError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option("--workers", "-w", type=click.IntRange(min=1), default=None, help="Worker processes  [default: 2 per core].")
+@click.option("--dev", is_flag=True, help="Flask's development server (one process) instead of gunicorn.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML settings file (as IOP_FHIR_CONFIG).")
+def serve(host: str, port: int, workers: int | None, dev: bool, config_file: str | None) -> None:
+    """Run the gateway: FHIR R4 under /fhir, IOP records under /iop, /healthz and /readyz.
+
+    A production WSGI server (gunicorn) with several worker processes; settings come from
+    IOP_FHIR_* environment variables and the TOML file named by --config or IOP_FHIR_CONFIG.
+    Stops gracefully on Ctrl-C or SIGTERM.
+
+    Example: IOP_FHIR_JWT_SECRET=... iop-fhir serve --port 8080 --workers 4
+    """
+    from iop_fhir.serve import default_workers, gunicorn_options, run_dev, run_gunicorn
+
+    app = _server_app({"CONFIG_FILE": config_file} if config_file else {})
+    if dev:
+        run_dev(app, host, port)
+    else:
+        run_gunicorn(app, gunicorn_options(host, port, workers or default_workers()))
+
+
+@main.command()
+@click.option("--patients", "-n", type=click.IntRange(min=1), default=20, show_default=True, help="Synthetic clients to load.")
+@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port on 127.0.0.1 (0: any free one).")
+@click.option("--seed", "-s", type=int, default=1, show_default=True, help="Same seed, same cohort.")
+def demo(patients: int, port: int, seed: int) -> None:
+    """Serve a sample gateway on 127.0.0.1 loaded with a synthetic cohort, auth off.
+
+    Generates the cohort, loads it into a fresh SQLite file (removed on exit) through
+    POST /iop/records, prints the base URL and curl commands to try, then serves until Ctrl-C.
+    Development only: anyone on this machine can read and write it.
+
+    Example: iop-fhir demo --patients 50 --port 8080
+    """
+    import shutil
+    import tempfile
+
+    from iop_fhir.serve import default_workers, free_port, gunicorn_options, prepare_demo, run_gunicorn
+
+    port = port or free_port()
+    folder = tempfile.mkdtemp(prefix="iop-fhir-demo-")
+    try:
+        try:
+            demo = prepare_demo(folder, patients, seed, port, progress=lambda items: _progress(items, "load", total=patients))
+        except IopFhirError as exc:
+            for line in _issue_lines(exc.issues, "  "):
+                click.echo(line, err=True)
+            raise click.ClickException(exc.message) from None
+        click.echo(f"Loaded {demo.records} IOP records ({demo.resources} resources) into {demo.database}")
+        click.echo(f"FHIR base: {demo.base}/fhir   (authentication is OFF: development only)\n")
+        for what, command in demo.examples:
+            click.echo(f"# {what}\n{command}\n")
+        click.echo("Ctrl-C stops the demo and removes its database.")
+        run_gunicorn(demo.app, gunicorn_options("127.0.0.1", port, min(default_workers(), 4)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

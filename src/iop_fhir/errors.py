@@ -8,7 +8,9 @@ escapes is a bug.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -105,3 +107,22 @@ class IssueList:
 
     def __bool__(self) -> bool:
         return bool(self.issues)
+
+
+def operation_outcome(issues: Iterable[Issue], *, default: str = "all OK") -> dict[str, Any]:
+    """Issues as a FHIR OperationOutcome; each issue's location goes in ``expression``.
+
+    Locations are FHIRPath-like for FHIR input (``MedicationRequest.status``) and JSON
+    pointers for IOP records (``/prescriptions/2/refills``). No issues gives one
+    ``information`` issue, since an OperationOutcome must have at least one.
+    """
+    out = [
+        {
+            "severity": i.severity,
+            "code": i.code,
+            "diagnostics": i.message,
+            **({"expression": [i.location]} if i.location else {}),
+        }
+        for i in issues
+    ] or [{"severity": "information", "code": "informational", "diagnostics": default}]
+    return {"resourceType": "OperationOutcome", "issue": out}

@@ -72,7 +72,6 @@ _PARSER_OPTIONS = {
 }
 
 # The prolog (optional BOM, XML declaration, comments, PIs, whitespace) followed by a DOCTYPE.
-_DOCTYPE_IN_PROLOG = re.compile(r"\ufeff?\s*(?:<\?.*?\?>\s*|<!--.*?-->\s*)*<!DOCTYPE", re.DOTALL)
 _PROLOG_SCAN = 64 * 1024  # a prolog longer than this is checked after parsing (docinfo)
 
 
@@ -192,7 +191,29 @@ def _prolog_has_doctype(data: bytes) -> bool:
     else:
         # ASCII-compatible encodings (UTF-8, Latin-1, ...): markup is plain ASCII in all of them.
         text = head.decode("latin-1")
-    return _DOCTYPE_IN_PROLOG.match(text) is not None
+    return _doctype_after_prolog(text)
+
+
+def _doctype_after_prolog(text: str) -> bool:
+    """Skip the BOM, white space, processing instructions and comments; is a DOCTYPE next?
+
+    A plain left-to-right scan, linear in the prolog's length: a regular expression with
+    lazy repeats here backtracks exponentially on a run of processing instructions, which
+    would let a few hundred bytes hang the one parser every XML input goes through.
+    """
+    pos = 1 if text.startswith("\ufeff") else 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if text.startswith("<?", pos):
+            end = text.find("?>", pos + 2)
+        elif text.startswith("<!--", pos):
+            end = text.find("-->", pos + 4)
+        else:
+            return text.startswith("<!DOCTYPE", pos)
+        if end < 0:
+            return False  # unterminated: libxml2 will call it malformed
+        pos = end + 2 if text[end] == "?" else end + 3
 
 
 def _dtd_refused() -> XmlRejected:

@@ -164,11 +164,27 @@ def bundle_to_record(bundle: JSON) -> ReverseResult:
     return _reverse(ResourceIndex.from_bundle(bundle))
 
 
+# Resource types some family's from_fhir reads. Anything else has no place in the record and
+# is reported, never silently dropped (a MedicationStatement from an EHR, say).
+READ_TYPES = frozenset({
+    "Organization", "Practitioner", "PractitionerRole", "CareTeam", "Patient", "EpisodeOfCare",
+    "Condition", "MedicationRequest", "Medication", "Task", "Encounter", "Observation",
+    "DiagnosticReport", "CarePlan", "Goal", "Consent", "Provenance",
+})
+
+
 def _reverse(index: ResourceIndex) -> ReverseResult:
     report = MappingReport()
     draft: JSON = {"version": "iop-record/1"}
     for family in FAMILIES:
         family.from_fhir(index, draft, report)
+    for resource_type, resources in index.by_type.items():
+        if resource_type not in READ_TYPES:
+            for resource in resources:
+                report.warning(
+                    f"{resource_type}/{resource.get('id', '?')}",
+                    f"the IOP record has no place for a {resource_type or 'resource without a type'}; not mapped",
+                )
     try:
         record = validate_record(draft)
     except RecordInvalid as exc:

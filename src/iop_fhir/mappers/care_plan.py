@@ -62,39 +62,47 @@ what a step-down is; ``basedOn`` means a plan that fulfils part of another.
 
 from __future__ import annotations
 
-import math
 from functools import cache
 from typing import Any
 
 from iop_fhir import terminology
-from iop_fhir.mappers.context import LOCAL_ID, MappingContext, ResourceIndex, local_id
+from iop_fhir.mappers.context import (
+    LOCAL_ID,
+    MappingContext,
+    ResourceIndex,
+    identifier_kind,
+    local_id,
+    practitioner_id,
+    reference_text,
+    referenced_id,
+)
 from iop_fhir.mappers.datatypes import (
     as_dict,
     as_list,
     choices,
+    code_in,
+    code_in_any,
+    codings_of,
     coding,
     concept,
+    concept_text,
     drop_empty,
     extension,
     fhir_date,
-    identifier_kind,
+    finite_number,
     narrative,
-    nonblank,
+    nonempty,
     own_extensions,
     parse_date,
     read_each,
-    readable_ids,
-    reference_text,
     settle,
     ucum_quantity,
     unknown_modifiers,
     where,
+    whole_number,
     xhtml_text,
 )
-from iop_fhir.mappers.encounter import session_codings, session_kind, session_reference
-from iop_fhir.mappers.episode import care_team_reference
-from iop_fhir.mappers.medication_request import DISCHARGE_KIND, practitioner_id, referenced_id
-from iop_fhir.mappers.organization import LEVEL_DISPLAY as PROGRAM_LEVELS
+from iop_fhir.mappers.encounter import session_codings, session_kind
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.record.model import Activity, Aftercare, CarePlan, Discharge, Goal, GoalTarget
 
@@ -107,9 +115,10 @@ PROFILE = terminology.us_core("us-core-careplan")
 GOAL_PROFILE = terminology.us_core("us-core-goal")
 PLAN_KIND = terminology.code_system("care-plan-kind")
 ACTIVITY = terminology.code_system("care-plan-activity")
-LEVEL_OF_CARE = terminology.code_system("level-of-care")  # shared with organization.py
+# One code system for levels of care: the program's own (organization.py) and where a client
+# goes next; its displays are terminology.level_of_care.
+LEVEL_OF_CARE = terminology.code_system("level-of-care")
 INSTRUMENT = terminology.code_system("instrument")
-GOAL_ACHIEVEMENT = "http://terminology.hl7.org/CodeSystem/goal-achievement"
 SCORE_UNIT = "{score}"
 
 ASSESS_PLAN = concept(coding(terminology.CAREPLAN_CATEGORY, "assess-plan", "Assessment and Plan of Treatment"))
@@ -127,14 +136,6 @@ ACTIVITY_DISPLAY = {
     "relapse-prevention": "Relapse prevention",
     "drug-screening": "Urine drug screening",
 }
-# One code system for levels of care: the program's own (organization.py) and where a client goes next.
-LEVEL_DISPLAY = {
-    **PROGRAM_LEVELS,
-    "inpatient": "Inpatient care",
-    "residential": "Residential treatment",
-    "primary-care": "Primary care",
-    "none": "No further care",
-}
 NEXT_LEVELS = choices(Aftercare, "next_level_of_care")
 ACHIEVEMENT_DISPLAY = {
     "in-progress": "In Progress",
@@ -151,10 +152,8 @@ GOAL_STATUSES = choices(Goal, "status")
 PLAN_STATUSES = choices(CarePlan, "status")
 ACTIVITY_STATUSES = choices(Activity, "status")
 COMPARATORS = choices(GoalTarget, "comparator")
-RELAPSE_PREVENTION = {
-    "alcohol": ("720176005", "Alcohol relapse prevention program (regime/therapy)"),
-    "drug": ("720177001", "Drug relapse prevention program (regime/therapy)"),
-}
+# SNOMED CT relapse prevention programme by the substance (displays: terminology.snomed_display).
+RELAPSE_PREVENTION = {"alcohol": "720176005", "drug": "720177001"}
 
 
 # --- forward --------------------------------------------------------------------------------
@@ -196,7 +195,7 @@ def _treatment_plan(ctx: MappingContext, plan: CarePlan) -> JSON:
         "period": drop_empty({"start": fhir_date(plan.period.start), "end": fhir_date(plan.period.end) if plan.period.end else None}),
         "created": fhir_date(plan.created),
         "author": ctx.practitioner(plan.author_id) if plan.author_id else None,
-        "careTeam": [care_team_reference(ctx)] if ctx.record.care_team else [],
+        "careTeam": [ctx.care_team] if ctx.record.care_team else [],
         "addresses": [ctx.condition(d) for d in plan.addresses_ids],
         "goal": [goal_reference(ctx, g.id) for g in plan.goals],
         "activity": [_activity(ctx, a) for a in plan.activities],
@@ -222,7 +221,7 @@ def _activity(ctx: MappingContext, activity: Activity) -> JSON:
     }
     # Progress: the sessions of this kind the client attended (derived from sessions[]).
     outcomes = [
-        session_reference(ctx, s.id)
+        ctx.session(s.id)
         for s in ctx.record.sessions
         if s.kind == activity.kind and s.attendance == "attended"
     ]
@@ -231,7 +230,8 @@ def _activity(ctx: MappingContext, activity: Activity) -> JSON:
 
 def _activity_codings(ctx: MappingContext, kind: str) -> list[JSON]:
     if kind == "relapse-prevention":
-        public = [coding(terminology.SNOMED, *RELAPSE_PREVENTION[_relapse_substance(ctx)])]
+        code = RELAPSE_PREVENTION[_relapse_substance(ctx)]
+        public = [coding(terminology.SNOMED, code, terminology.snomed_display(code))]
     elif kind == "drug-screening":
         panel = terminology.tables()["drug_screen_panels"]["screen"]
         public = [coding(terminology.LOINC, panel["code"], panel["display"])]
@@ -254,7 +254,7 @@ def _goal(ctx: MappingContext, plan: CarePlan, goal: Goal) -> JSON:
         "identifier": [ctx.ids.identifier(GOAL_KIND, goal.id)],
         "lifecycleStatus": goal.status,
         "achievementStatus": (
-            concept(coding(GOAL_ACHIEVEMENT, goal.achievement, ACHIEVEMENT_DISPLAY[goal.achievement])) if goal.achievement else None
+            concept(coding(terminology.GOAL_ACHIEVEMENT, goal.achievement, ACHIEVEMENT_DISPLAY[goal.achievement])) if goal.achievement else None
         ),
         "description": {"text": goal.description},
         "subject": ctx.patient,
@@ -286,11 +286,11 @@ def _aftercare_plan(ctx: MappingContext, discharge: Discharge, aftercare: Afterc
     level = aftercare.next_level_of_care
     follow_up = {
         "kind": "Appointment",
-        "code": concept(coding(LEVEL_OF_CARE, level, LEVEL_DISPLAY[level])),
+        "code": concept(coding(LEVEL_OF_CARE, level, terminology.level_of_care(level))),
         "status": "scheduled" if aftercare.first_follow_up else "not-started",
         "scheduledPeriod": {"start": fhir_date(aftercare.first_follow_up)} if aftercare.first_follow_up else None,
         "performer": [ctx.provider(aftercare.receiving_provider_id)] if aftercare.receiving_provider_id else [],
-        "description": f"Follow-up: {LEVEL_DISPLAY[level]}",
+        "description": f"Follow-up: {terminology.level_of_care(level)}",
     }
     activities: list[JSON] = [{"id": "follow-up", "detail": drop_empty(follow_up)}]
     if aftercare.pharmacy_id:
@@ -303,7 +303,7 @@ def _aftercare_plan(ctx: MappingContext, discharge: Discharge, aftercare: Afterc
         }
         activities.append({"id": "pharmacy", "detail": pharmacy})
     activities.extend(
-        {"reference": ctx.ids.reference("MedicationRequest", DISCHARGE_KIND, m.prescription_id)}
+        {"reference": ctx.discharge_medication(m.prescription_id)}
         for m in aftercare.medications
     )
     resource: JSON = {
@@ -361,7 +361,7 @@ def _plan_narrative(plan: CarePlan) -> str:
 
 def _aftercare_narrative(ctx: MappingContext, discharge: Discharge, aftercare: Aftercare) -> str:
     record = ctx.record
-    lines = [f"Next level of care: {LEVEL_DISPLAY[aftercare.next_level_of_care]}"]
+    lines = [f"Next level of care: {terminology.level_of_care(aftercare.next_level_of_care)}"]
     if aftercare.receiving_provider_id:
         provider = next(p for p in record.providers if p.id == aftercare.receiving_provider_id)
         lines.append(f"Receiving provider: {provider.name}")
@@ -412,19 +412,17 @@ def _plan_kind(resource: JSON) -> str | None:
     kind = identifier_kind(resource, (AFTERCARE_KIND, KIND))
     if kind:
         return "aftercare" if kind == AFTERCARE_KIND else "treatment"
-    for category in as_list(resource.get("category")):
-        for c in as_list(as_dict(category).get("coding")):
-            c = as_dict(c)
-            if c.get("system") == PLAN_KIND and c.get("code") in ("iop-treatment", "aftercare"):
-                return "treatment" if c["code"] == "iop-treatment" else "aftercare"
-    return None
+    code = code_in_any(resource.get("category"), PLAN_KIND, among=("iop-treatment", "aftercare"))
+    if code is None:
+        return None
+    return "treatment" if code == "iop-treatment" else "aftercare"
 
 
 def _read_plan(index: ResourceIndex, resource: JSON, goals_used: set[int], report: MappingReport) -> JSON | None:
     here = where(resource)
     if unknown_modifiers(resource, report):
         return None
-    plan_id = local_id(readable_ids(resource), KIND, report)
+    plan_id = local_id(resource, KIND, report)
     status = resource.get("status")
     period = as_dict(resource.get("period"))
     start, created = parse_date(period.get("start")), parse_date(resource.get("created"))
@@ -453,7 +451,7 @@ def _read_plan(index: ResourceIndex, resource: JSON, goals_used: set[int], repor
         "goals": goals,
         "activities": _read_activities(index, resource, goal_by_resource, report),
         "relapse_prevention": _relapse_notes(resource, report),
-        "summary": _string(resource.get("description")),
+        "summary": nonempty(resource.get("description")),
         "author_id": _author(index, resource, report),
     }
     plan.update(drop_empty(parts))
@@ -486,7 +484,7 @@ def _relapse_notes(resource: JSON, report: MappingReport) -> list[str]:
     for i, note in enumerate(as_list(resource.get("note"))):
         topic = as_dict(own_extensions(note).get("note-topic")).get("valueCode")
         text = as_dict(note).get("text")
-        if topic == "relapse-prevention" and _string(text):
+        if topic == "relapse-prevention" and nonempty(text):
             out.append(text)
         else:
             report.warning(where(resource, f"note[{i}]"), "a note other than a relapse-prevention item has no place in the record")
@@ -526,8 +524,8 @@ def _read_goal(index: ResourceIndex, resource: JSON, report: MappingReport) -> J
     here = where(resource)
     if unknown_modifiers(resource, report):
         return None
-    goal_id = local_id(readable_ids(resource), GOAL_KIND, report)
-    description = _text_of(resource.get("description"))
+    goal_id = local_id(resource, GOAL_KIND, report)
+    description = concept_text(resource.get("description"))
     status = resource.get("lifecycleStatus")
     if status in GOAL_STATUS_NEAREST:
         report.info(f"{here}.lifecycleStatus", f"{status!r} recorded as {GOAL_STATUS_NEAREST[status]!r}")
@@ -547,20 +545,9 @@ def _read_goal(index: ResourceIndex, resource: JSON, report: MappingReport) -> J
     return settle(Goal, goal, report, here)
 
 
-def _text_of(value: Any) -> str | None:
-    """A CodeableConcept's text, else its first display: what a person would read."""
-    value = as_dict(value)
-    return _string(value.get("text")) or next((d for c in as_list(value.get("coding")) if (d := nonblank(as_dict(c).get("display")))), None)
-
-
-def _string(value: Any) -> str | None:
-    """A non-empty string as it is: the contract's free text may be all spaces, so no stripping."""
-    return value if isinstance(value, str) and value else None
-
-
 def _achievement(resource: JSON, report: MappingReport) -> str | None:
-    for c in as_list(as_dict(resource.get("achievementStatus")).get("coding")):
-        code = as_dict(c).get("code")
+    for c in codings_of(resource.get("achievementStatus")):
+        code = c.get("code")
         if code in ACHIEVEMENT_DISPLAY:
             return code
         if code in ACHIEVEMENT_NEAREST:
@@ -577,7 +564,7 @@ def _read_target(resource: JSON, report: MappingReport) -> JSON | None:
         target = as_dict(target)
         measure = _measure(target.get("measure"))
         quantity = as_dict(target.get("detailQuantity"))
-        value, comparator = _whole(quantity.get("value")), quantity.get("comparator")
+        value, comparator = whole_number(quantity.get("value")), quantity.get("comparator")
         if measure is None or comparator not in COMPARATORS or value is None:
             continue
         if len(targets) > 1:
@@ -592,17 +579,9 @@ def _read_target(resource: JSON, report: MappingReport) -> JSON | None:
     return None
 
 
-def _whole(value: Any) -> int | None:
-    """A JSON number that is a whole number, as an int (2.0 -> 2); None for anything else."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
-        return None
-    return int(value)
-
-
 def _measure(value: Any) -> str | None:
     instruments = terminology.tables()["instruments"]
-    for c in as_list(as_dict(value).get("coding")):
-        c = as_dict(c)
+    for c in codings_of(value):
         if c.get("system") == terminology.LOINC and c.get("code") in _instrument_by_total():
             return _instrument_by_total()[c["code"]]
         if c.get("system") == INSTRUMENT and c.get("code") in instruments:
@@ -638,9 +617,9 @@ def _read_activity(
     if kind is None:
         report.warning(f"{here}.detail.code", "no code of an IOP activity kind; activity not carried")
         return None
-    description = _string(detail.get("description"))
+    description = nonempty(detail.get("description"))
     if not description:
-        description = _text_of(detail.get("code"))
+        description = concept_text(detail.get("code"))
         if description is None:
             report.error(f"{here}.detail.description", "no description: activity skipped", code="required")
             return None
@@ -669,16 +648,12 @@ def _read_activity(
 
 
 def _activity_kind(code: Any) -> str | None:
-    codings = [as_dict(c) for c in as_list(as_dict(code).get("coding"))]
-    for c in codings:
-        if c.get("system") == ACTIVITY and c.get("code") in ACTIVITY_DISPLAY:
-            return c["code"]
-    kind = session_kind(code)
+    kind = code_in(code, ACTIVITY, among=ACTIVITY_DISPLAY) or session_kind(code)
     if kind:
         return kind
-    relapse = {code for code, _ in RELAPSE_PREVENTION.values()}
+    relapse = set(RELAPSE_PREVENTION.values())
     panels = {p["code"] for p in terminology.tables()["drug_screen_panels"].values()}
-    for c in codings:
+    for c in codings_of(code):
         if c.get("system") == terminology.SNOMED and c.get("code") in relapse:
             return "relapse-prevention"
         if c.get("system") == terminology.LOINC and c.get("code") in panels:
@@ -690,7 +665,7 @@ def _schedule(detail: JSON, here: str, report: MappingReport) -> JSON:
     """days_per_week and minutes_per_session from scheduledTiming.repeat, where it says them."""
     repeat = as_dict(as_dict(detail.get("scheduledTiming")).get("repeat"))
     out: JSON = {}
-    frequency, period, unit = _whole(repeat.get("frequency")), repeat.get("period", 1), repeat.get("periodUnit")
+    frequency, period, unit = whole_number(repeat.get("frequency")), repeat.get("period", 1), repeat.get("periodUnit")
     if "frequency" in repeat or unit is not None:
         days = None
         if unit == "wk" and period == 1:
@@ -705,8 +680,8 @@ def _schedule(detail: JSON, here: str, report: MappingReport) -> JSON:
         duration = repeat.get("duration")
         per_unit = {"min": 1, "h": 60}.get(repeat.get("durationUnit"))
         minutes = None
-        if per_unit and isinstance(duration, (int, float)) and not isinstance(duration, bool) and math.isfinite(duration):
-            minutes = _whole(duration * per_unit)
+        if per_unit and finite_number(duration) is not None:
+            minutes = whole_number(duration * per_unit)
         if minutes is not None and 1 <= minutes <= 600:
             out["minutes_per_session"] = minutes
         else:
@@ -721,16 +696,15 @@ def _read_aftercare(index: ResourceIndex, resource: JSON, report: MappingReport)
     here = where(resource)
     if unknown_modifiers(resource, report):
         return None
-    plan_id = local_id(readable_ids(resource), AFTERCARE_KIND, report)
+    plan_id = local_id(resource, AFTERCARE_KIND, report)
     out: JSON = {}
     for i, activity in enumerate(as_list(resource.get("activity"))):
         activity = as_dict(activity)
         detail = as_dict(activity.get("detail"))
-        codings = [as_dict(c) for c in as_list(as_dict(detail.get("code")).get("coding"))]
-        level = next((c["code"] for c in codings if c.get("system") == LEVEL_OF_CARE and c.get("code") in NEXT_LEVELS), None)
+        level = code_in(detail.get("code"), LEVEL_OF_CARE, among=NEXT_LEVELS)
         if level and "next_level_of_care" not in out:
             out.update(_follow_up(index, resource, detail, level, f"{here}.activity[{i}]", report))
-        elif any(c.get("system") == ACTIVITY and c.get("code") == DISPENSING["code"] for c in codings):
+        elif code_in(detail.get("code"), ACTIVITY, among=(DISPENSING["code"],)):
             performers = as_list(detail.get("performer"))
             pharmacy = referenced_id(index, performers[0], resource, ("Organization",), "pharmacy", shared=True) if performers else None
             if pharmacy:
@@ -745,7 +719,7 @@ def _read_aftercare(index: ResourceIndex, resource: JSON, report: MappingReport)
         report.error(here, f"aftercare plan cannot be built: it lacks {lacking}", code="required")
         return None
     out["id"] = plan_id
-    instructions = _string(resource.get("description"))
+    instructions = nonempty(resource.get("description"))
     if instructions:
         out["instructions"] = instructions
     own_extensions(resource, report, here)

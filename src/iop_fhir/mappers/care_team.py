@@ -13,7 +13,8 @@ has one CareTeam listing every member. Members are program-wide parties (shared 
 | care_team[].dea_number    | Practitioner.identifier (system terminology.DEA)                         |
 | care_team[].contact       | Practitioner.telecom                                                     |
 | care_team[].role          | PractitionerRole.code[0]: coding ``CodeSystem/care-team-role`` (what     |
-|                           | reads back) plus the NUCC taxonomy code for the role (derived; ROLES)    |
+|                           | reads back) plus the NUCC taxonomy code for the role (derived;           |
+|                           | terminology.care_team_role)                                              |
 | derived (not read back)   | PractitionerRole.practitioner / organization / active / telecom (the     |
 |                           | member's, else the program's, for US Core's contact-or-endpoint rule);   |
 |                           | CareTeam (kind ``care-team``, local id = record id): status from the     |
@@ -24,9 +25,9 @@ Back from FHIR, a Practitioner is a member when it carries our ``staff`` identif
 a PractitionerRole, a CareTeam participant or a MedicationRequest.requester points at it
 (other Practitioners are outside providers, organization.py). The role comes from our
 care-team-role coding, else from a NUCC code in PractitionerRole.code or the CareTeam
-participant role (NUCC_ROLES). A member without a known role is an error and is left out,
-never guessed: the role decides who may prescribe (and controlled substances), so a guess
-could make an unlawful prescription look valid. Prescriptions or reviews naming such a
+participant role (terminology.nucc_roles). A member without a known role is an error and
+is left out, never guessed: the role decides who may prescribe (and controlled substances),
+so a guess could make an unlawful prescription look valid. Prescriptions or reviews naming such a
 practitioner then fail the contract's reference check, which the report also says. No NPI,
 or no family and given name, is an error too (the contract requires them).
 """
@@ -36,7 +37,7 @@ from __future__ import annotations
 from typing import Any
 
 from iop_fhir import terminology
-from iop_fhir.mappers.context import MappingContext, ResourceIndex, local_id
+from iop_fhir.mappers.context import MappingContext, ResourceIndex, identifier_kind, local_id, reference_text
 from iop_fhir.mappers.datatypes import (
     as_dict,
     as_list,
@@ -47,15 +48,12 @@ from iop_fhir.mappers.datatypes import (
     drop_empty,
     fhir_date,
     human_name,
-    identifier_kind,
     identifier_values,
     name_from_fhir,
-    names_in,
     own_extensions,
     read_each,
-    readable_ids,
-    reference_text,
     settle,
+    table_coding,
     telecom,
     unknown_modifiers,
     where,
@@ -70,27 +68,17 @@ ROLE_KIND = "staff-role"
 TEAM_KIND = "care-team"
 CARE_TEAM_ROLE = terminology.code_system("care-team-role")
 
-# role -> (NUCC taxonomy code, its display, our display). "therapist" has no single NUCC code;
-# the mental health counselor code stands for it (clinical social workers read back too).
-ROLES: dict[str, tuple[str, str, str]] = {
-    "psychiatrist": ("2084P0800X", "Psychiatry & Neurology, Psychiatry", "Psychiatrist"),
-    "nurse-practitioner": ("363LP0808X", "Nurse Practitioner, Psych/Mental Health", "Psychiatric nurse practitioner"),
-    "therapist": ("101YM0800X", "Counselor, Mental Health", "Therapist"),
-    "case-manager": ("171M00000X", "Case Manager/Care Coordinator", "Case manager"),
-    "nurse": ("163WP0808X", "Registered Nurse, Psychiatric/Mental Health", "Nurse"),
-    "peer-specialist": ("175T00000X", "Peer Specialist", "Peer specialist"),
+# Contract role -> its display in our care-team-role code system. The NUCC taxonomy coding sent
+# beside it, and the NUCC codes read back as each role, are terminology (care_team_role, nucc_roles).
+ROLES: dict[str, str] = {
+    "psychiatrist": "Psychiatrist",
+    "nurse-practitioner": "Psychiatric nurse practitioner",
+    "therapist": "Therapist",
+    "case-manager": "Case manager",
+    "nurse": "Nurse",
+    "peer-specialist": "Peer specialist",
 }
-# Back from FHIR: NUCC codes other systems use for these roles, beyond the ones we send.
-NUCC_ROLES: dict[str, str] = {code: role for role, (code, _, _) in ROLES.items()} | {
-    "2084P0802X": "psychiatrist",  # Psychiatry & Neurology, Addiction Psychiatry
-    "363L00000X": "nurse-practitioner",  # Nurse Practitioner
-    "1041C0700X": "therapist",  # Social Worker, Clinical
-    "101Y00000X": "therapist",  # Counselor
-    "101YA0400X": "therapist",  # Counselor, Addiction (Substance Use Disorder)
-    "103T00000X": "therapist",  # Psychologist
-    "106H00000X": "therapist",  # Marriage & Family Therapist
-    "163W00000X": "nurse",  # Registered Nurse
-}
+NUCC_ROLES: dict[str, str] = terminology.nucc_roles()
 # CareTeam.status from the enrolment: the team exists while the episode does.
 TEAM_STATUS = {
     "planned": "proposed",
@@ -114,8 +102,8 @@ def to_fhir(ctx: MappingContext) -> list[JSON]:
 
 
 def role_concept(role: str) -> JSON:
-    nucc, nucc_display, display = ROLES[role]
-    return concept(coding(terminology.NUCC_TAXONOMY, nucc, nucc_display), coding(CARE_TEAM_ROLE, role, display), text=display)
+    display = ROLES[role]
+    return concept(table_coding(terminology.care_team_role(role)), coding(CARE_TEAM_ROLE, role, display), text=display)
 
 
 def practitioner(ctx: MappingContext, member: CareTeamMember) -> JSON:
@@ -259,7 +247,7 @@ def _member(resource: JSON, concepts: list[JSON], report: MappingReport) -> JSON
             code="required",
         )
         return None
-    name = name_from_fhir(names_in(resource.get("name")))
+    name = name_from_fhir(resource.get("name"))
     if name is None:
         report.error(f"{loc}.name", "care-team member without a family and given name; the contract requires them", code="required")
         return None
@@ -269,11 +257,11 @@ def _member(resource: JSON, concepts: list[JSON], report: MappingReport) -> JSON
         return None
     deas = identifier_values(resource, terminology.DEA)
     item = {
-        "id": local_id(readable_ids(resource), STAFF_KIND, report, shared=True),
+        "id": local_id(resource, STAFF_KIND, report, shared=True),
         "role": role,
         "name": name,
         "npi": npis[0],
         "dea_number": deas[0] if deas else None,
-        "contact": contact_from_fhir([as_dict(t) for t in as_list(resource.get("telecom"))]),
+        "contact": contact_from_fhir(resource.get("telecom")),
     }
     return settle(CareTeamMember, drop_empty(item), report, loc)

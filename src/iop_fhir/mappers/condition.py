@@ -31,11 +31,12 @@ import re
 from typing import Any
 
 from iop_fhir import terminology
-from iop_fhir.mappers.context import MappingContext, ResourceIndex, local_id
+from iop_fhir.mappers.context import MappingContext, ResourceIndex, local_id, reference_text
 from iop_fhir.mappers.datatypes import (
     as_dict,
     as_list,
     code_in,
+    codings_of,
     coding,
     concept,
     drop_empty,
@@ -45,9 +46,8 @@ from iop_fhir.mappers.datatypes import (
     own_extensions,
     parse_date,
     read_each,
-    readable_ids,
-    reference_text,
     settle,
+    shown_codes,
     unknown_modifiers,
     where,
 )
@@ -139,7 +139,7 @@ def _diagnosis(resource: JSON, listed_rank: str | None, report: MappingReport) -
     loc = where(resource)
     if unknown_modifiers(resource, report):
         return None
-    verification = code_in(as_dict(resource.get("verificationStatus")), terminology.CONDITION_VERIFICATION)
+    verification = code_in(resource.get("verificationStatus"), terminology.CONDITION_VERIFICATION)
     if verification in NOT_A_DIAGNOSIS:
         report.warning(f"{loc}.verificationStatus", f"a {verification} Condition is not a diagnosis; left out")
         return None
@@ -150,7 +150,7 @@ def _diagnosis(resource: JSON, listed_rank: str | None, report: MappingReport) -
     if code is None:
         return None
     item: JSON = {
-        "id": local_id(readable_ids(resource), KIND, report),
+        "id": local_id(resource, KIND, report),
         "code": code,
         "display": _display(code_concept, code),
         "rank": _rank(resource, listed_rank, loc, report),
@@ -164,7 +164,7 @@ def _diagnosis(resource: JSON, listed_rank: str | None, report: MappingReport) -
 
 
 def _icd10cm(code_concept: JSON, location: str, report: MappingReport) -> str | None:
-    codings = [as_dict(c) for c in as_list(code_concept.get("coding"))]
+    codings = codings_of(code_concept)
     for c in codings:
         raw = nonblank(c.get("code"))
         if c.get("system") in ICD10CM_SYSTEMS and raw:
@@ -175,7 +175,7 @@ def _icd10cm(code_concept: JSON, location: str, report: MappingReport) -> str | 
             if code != raw or c.get("system") != terminology.ICD10CM:
                 report.info(f"{location}.code", f"ICD-10-CM {c.get('system')}|{raw} read as {code}")
             return code
-    found = ", ".join(f"{c.get('system')}|{c.get('code')}" for c in codings) or "none"
+    found = shown_codes(code_concept)
     report.error(f"{location}.code", f"no ICD-10-CM code (codes found: {found}); the contract requires one, so it is left out", code="required")
     return None
 
@@ -192,9 +192,9 @@ def _display(code_concept: JSON, code: str) -> str | None:
     if text:
         return text
     table = terminology.icd10_display(code)
-    for c in as_list(code_concept.get("coding")):
-        display = nonblank(as_dict(c).get("display"))
-        if as_dict(c).get("system") in ICD10CM_SYSTEMS and display and display != table:
+    for c in codings_of(code_concept):
+        display = nonblank(c.get("display"))
+        if c.get("system") in ICD10CM_SYSTEMS and display and display != table:
             return display
     return None
 
@@ -209,7 +209,7 @@ def _rank(resource: JSON, listed_rank: str | None, location: str, report: Mappin
 
 
 def _clinical_status(resource: JSON, location: str, report: MappingReport) -> str | None:
-    status = code_in(as_dict(resource.get("clinicalStatus")), terminology.CONDITION_CLINICAL)
+    status = code_in(resource.get("clinicalStatus"), terminology.CONDITION_CLINICAL)
     if status in CLINICAL_DISPLAY:
         return status
     if status is None and "clinicalStatus" not in resource:

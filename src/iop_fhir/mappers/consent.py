@@ -36,11 +36,12 @@ from __future__ import annotations
 from typing import Any
 
 from iop_fhir import terminology
-from iop_fhir.mappers.context import MappingContext, ResourceIndex, local_id
+from iop_fhir.mappers.context import MappingContext, ResourceIndex, known_ids, local_id, reference_text
 from iop_fhir.mappers.datatypes import (
     as_dict,
     as_list,
     code_in,
+    codings_of,
     coding,
     concept,
     drop_empty,
@@ -50,8 +51,6 @@ from iop_fhir.mappers.datatypes import (
     own_extensions,
     parse_date,
     read_each,
-    readable_ids,
-    reference_text,
     settle,
     unknown_modifiers,
     where,
@@ -64,12 +63,11 @@ JSON = dict[str, Any]
 KIND = "consent"
 REVOKED_ON = "revoked-on"
 DATA_CATEGORY = terminology.code_system("data-category")
-CONSENT_POLICY = "http://terminology.hl7.org/CodeSystem/consentpolicycodes"
 CONSENT_PROVISION_RESTRICTIONS = ("class", "data", "securityLabel", "dataPeriod")
 # The regulation itself (eCFR, current text): what a Part 2 consent is given under.
 PART2_URI = "https://www.ecfr.gov/current/title-42/chapter-I/subchapter-A/part-2"
 PART2_RULE = coding(terminology.V3_ACT_CODE, "42CFRPart2", "42 CFR Part2")
-HIPAA_RULE = coding(CONSENT_POLICY, "hipaa-auth", "HIPAA Authorization")
+HIPAA_RULE = coding(terminology.CONSENT_POLICY, "hipaa-auth", "HIPAA Authorization")
 RECIPIENT_ROLE = coding(terminology.V3_PARTICIPATION_TYPE, "IRCP", "information recipient")
 
 PURPOSE_DISPLAY = {
@@ -146,11 +144,11 @@ def consent(ctx: MappingContext, item: Consent, recipient: JSON) -> JSON:
 
 def from_fhir(index: ResourceIndex, draft: JSON, report: MappingReport) -> None:
     """Fill ``consents``; run after organization.py, whose parties are the recipients."""
-    known = {p.get("id") for name in ("pharmacies", "providers") for p in as_list(draft.get(name)) if isinstance(p, dict)}
+    known = set().union(*(known_ids(draft, name) or set() for name in ("pharmacies", "providers")))
     draft["consents"] = read_each(index.of_type("Consent"), lambda c: _consent(c, index, known, report), report)
 
 
-def _consent(resource: JSON, index: ResourceIndex, known: set[Any], report: MappingReport) -> JSON | None:
+def _consent(resource: JSON, index: ResourceIndex, known: set[str], report: MappingReport) -> JSON | None:
     loc = where(resource)
     if unknown_modifiers(resource, report):
         return None
@@ -183,7 +181,7 @@ def _consent(resource: JSON, index: ResourceIndex, known: set[Any], report: Mapp
         report.error(f"{loc}.dateTime", "consent without a signing date or period; the contract requires them", code="required")
         return None
     item = {
-        "id": local_id(readable_ids(resource), KIND, report),
+        "id": local_id(resource, KIND, report),
         "recipient_id": recipient,
         "purpose": purpose,
         "categories": categories,
@@ -215,9 +213,9 @@ def _permits_only_what_record_holds(provision: JSON, location: str, report: Mapp
     return True
 
 
-def _recipient(resource: JSON, provision: JSON, index: ResourceIndex, known: set[Any], location: str, report: MappingReport) -> str | None:
+def _recipient(resource: JSON, provision: JSON, index: ResourceIndex, known: set[str], location: str, report: MappingReport) -> str | None:
     actors = [as_dict(a) for a in as_list(provision.get("actor"))]
-    recipients = [a for a in actors if code_in(as_dict(a.get("role")), terminology.V3_PARTICIPATION_TYPE) == "IRCP"]
+    recipients = [a for a in actors if code_in(a.get("role"), terminology.V3_PARTICIPATION_TYPE) == "IRCP"]
     if not recipients and len(actors) == 1:
         report.info(f"{location}.provision.actor", "the only actor is taken as the recipient (its role is not IRCP)")
         recipients = actors
@@ -231,9 +229,8 @@ def _recipient(resource: JSON, provision: JSON, index: ResourceIndex, known: set
     if target is None:
         report.error(f"{location}.provision.actor", f"recipient {ref!r} is not in the bundle; left out", code="not-found")
         return None
-    readable = readable_ids(target)
     for kind in ("pharmacy", "provider"):
-        candidate = local_id(readable, kind, shared=True)
+        candidate = local_id(target, kind, shared=True)
         if candidate in known:
             return candidate
     report.error(f"{location}.provision.actor", f"recipient {ref!r} is not among the record's providers or pharmacies; left out", code="not-found")
@@ -267,4 +264,4 @@ def _is_part2(resource: JSON) -> bool:
     if any("ecfr.gov" in u and "title-42" in u and "part-2" in u for u in uris):
         return True
     # 42CFRPart2 in v3-ActCode, or in the deprecated v3-ActUSPrivacyLaw older systems still send.
-    return any(as_dict(c).get("code") == "42CFRPart2" for c in as_list(as_dict(resource.get("policyRule")).get("coding")))
+    return any(c.get("code") == "42CFRPart2" for c in codings_of(resource.get("policyRule")))

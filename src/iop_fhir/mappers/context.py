@@ -1,4 +1,11 @@
-"""What a mapper sees: the record and its id factory going out, an index of resources coming back."""
+"""What a mapper sees: the record and its id factory going out, an index of resources coming back.
+
+Going out, ``MappingContext`` makes the references every family points at (patient, staff,
+conditions, prescriptions, sessions, ...). Coming back, ``ResourceIndex`` resolves references,
+and the functions at the end read our business identifiers back into record-local ids
+(``local_id``, ``identifier_kind``) and follow references to them (``referenced_id``,
+``practitioner_id``), for every family alike.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from iop_fhir.mappers.datatypes import as_dict, as_list, identifiers_in, nonblank
 from iop_fhir.mappers.ids import Ids
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.record.model import IopRecord
@@ -52,11 +60,24 @@ class MappingContext:
         resource_type = "Organization" if kind == "organization" else "Practitioner"
         return self.ids.reference(resource_type, "provider", provider_id, shared=True)
 
+    @property
+    def care_team(self) -> JSON:
+        """The record's CareTeam (care_team.py makes it; one per episode)."""
+        return self.ids.reference("CareTeam", "care-team", self.record.id, shared=True)
+
     def condition(self, diagnosis_id: str) -> JSON:
         return self.ids.reference("Condition", "diagnosis", diagnosis_id)
 
     def prescription(self, prescription_id: str) -> JSON:
         return self.ids.reference("MedicationRequest", "prescription", prescription_id)
+
+    def discharge_medication(self, prescription_id: str) -> JSON:
+        """The discharge-list MedicationRequest of a prescription (medication_request.py)."""
+        return self.ids.reference("MedicationRequest", "discharge-medication", prescription_id)
+
+    def session(self, session_id: str) -> JSON:
+        """The Encounter of one session (encounter.py)."""
+        return self.ids.reference("Encounter", "session", session_id)
 
     @cached_property
     def prescriptions(self) -> dict[str, Any]:
@@ -129,6 +150,11 @@ class ResourceIndex:
         return None
 
 
+# --- reverse: identifiers and references of foreign resources ---------------------------------
+# Foreign JSON may hold anything where an identifier or a reference should be: every helper
+# below reads through ``identifiers_in`` / ``as_dict``, so odd shapes give None, never a crash.
+
+
 def local_id(resource: JSON, kind: str, report: MappingReport | None = None, *, shared: bool = False) -> str | None:
     """The record-local id a resource stands for, read back from its business identifier.
 
@@ -137,9 +163,9 @@ def local_id(resource: JSON, kind: str, report: MappingReport | None = None, *, 
     references inside the rebuilt record still resolve.
     """
     suffix = f"/{kind}"
-    for ident in _identifiers(resource):
+    for ident in identifiers_in(resource.get("identifier")):
         system, value = ident.get("system"), ident.get("value")
-        if isinstance(system, str) and isinstance(value, str) and system.endswith(suffix) and value:
+        if isinstance(system, str) and system.endswith(suffix) and value:
             candidate = value if shared else value.split("/", 1)[-1]
             if LOCAL_ID.match(candidate):
                 return candidate
@@ -154,14 +180,74 @@ def local_id(resource: JSON, kind: str, report: MappingReport | None = None, *, 
 def identifier_base(resource: JSON, kind: str) -> str | None:
     """The program's identifier system base, read from one of our identifiers."""
     suffix = f"/{kind}"
-    for ident in _identifiers(resource):
+    for ident in identifiers_in(resource.get("identifier")):
         system = ident.get("system")
         if isinstance(system, str) and system.endswith(suffix):
             return system[: -len(suffix)]
     return None
 
 
-def _identifiers(resource: JSON) -> list[JSON]:
-    """A resource's identifiers, tolerating foreign shapes (not a list, not objects)."""
-    found = resource.get("identifier") if isinstance(resource, dict) else None
-    return [i for i in found if isinstance(i, dict)] if isinstance(found, list) else []
+def identifier_kind(resource: JSON, kinds: tuple[str, ...]) -> str | None:
+    """Which of ``kinds`` a resource's business identifier names (system ``{base}/{kind}``), if any."""
+    for ident in identifiers_in(resource.get("identifier")):
+        system = ident.get("system", "")
+        for kind in kinds:
+            if system.endswith(f"/{kind}") and ident.get("value"):
+                return kind
+    return None
+
+
+def reference_text(value: Any) -> str | None:
+    """The ``reference`` string of a Reference in untrusted JSON (for ``ResourceIndex.resolve``), else None."""
+    return nonblank(as_dict(value).get("reference"))
+
+
+def referenced_id(
+    index: ResourceIndex, reference: Any, holder: JSON, types: tuple[str, ...], kind: str, *, shared: bool = False
+) -> str | None:
+    """The record-local id of the resource a Reference names, if it is in ``index`` and of ``types``.
+
+    Literal references resolve through the index; a logical reference (``identifier`` only)
+    matches a resource of ``types`` carrying the same identifier.
+    """
+    reference = as_dict(reference)
+    target = index.resolve(reference_text(reference), holder)
+    wanted = as_dict(reference.get("identifier"))
+    if target is None and nonblank(wanted.get("value")):
+        key = (wanted.get("system"), wanted["value"])
+        target = next(
+            (
+                res
+                for rtype in types
+                for res in index.of_type(rtype)
+                if any((as_dict(i).get("system"), as_dict(i).get("value")) == key for i in as_list(res.get("identifier")))
+            ),
+            None,
+        )
+    if not isinstance(target, dict) or target.get("resourceType") not in types:
+        return None
+    return local_id(target, kind, shared=shared)
+
+
+def practitioner_id(index: ResourceIndex, reference: Any, holder: JSON) -> str | None:
+    """The care-team member id a reference names: a Practitioner, or a PractitionerRole's practitioner."""
+    found = referenced_id(index, reference, holder, ("Practitioner",), "staff", shared=True)
+    if found is not None:
+        return found
+    role = index.resolve(reference_text(reference), holder)
+    if not isinstance(role, dict) or role.get("resourceType") != "PractitionerRole":
+        return None
+    if identifier_kind(role, ("staff-role",)):
+        return local_id(role, "staff-role", shared=True)
+    return referenced_id(index, role.get("practitioner"), role, ("Practitioner",), "staff", shared=True)
+
+
+# --- reverse: what families read earlier put in the draft -----------------------------------
+
+
+def known_ids(draft: JSON, collection: str) -> set[str] | None:
+    """Ids of a collection other families already put in the draft (None: not there to check)."""
+    items = draft.get(collection)
+    if not isinstance(items, list):
+        return None
+    return {item["id"] for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)}

@@ -2,15 +2,20 @@
 
 Every resource mapper builds its CodeableConcepts, Quantities, names, addresses and dates
 here, so one FHIR data type has one shape everywhere, and the reverse reads it back with
-the same rules. Reverse helpers are tolerant: foreign data may lack parts or use other code
-systems; they return ``None`` and let the caller report what it could not use.
+the same rules. Reverse helpers are tolerant: foreign data may lack parts, use other code
+systems or put anything anywhere; they return ``None`` (or ``[]``) and let the caller report
+what it could not use. The last section holds what every reverse mapper uses on untrusted
+JSON: report locations, per-resource reading (``read_each``, ``ItemReader``) and contract
+checks (``settle``). Our own identifiers and references are read in context.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import html
+import math
 import re
+from collections.abc import Container
 from decimal import Decimal, InvalidOperation
 from typing import Any, get_args
 
@@ -29,6 +34,11 @@ def coding(system: str, code: str, display: str | None = None) -> JSON:
     return out
 
 
+def table_coding(entry: JSON) -> JSON:
+    """A fresh Coding of a terminology table entry: its system, code and display, nothing else."""
+    return coding(entry["system"], entry["code"], entry.get("display"))
+
+
 def concept(*codings: JSON, text: str | None = None) -> JSON:
     out: JSON = {}
     if codings:
@@ -38,19 +48,56 @@ def concept(*codings: JSON, text: str | None = None) -> JSON:
     return out
 
 
-def code_in(value: JSON | None, system: str) -> str | None:
-    """The first code of ``system`` in a CodeableConcept (or a Coding), else None."""
-    if not value:
-        return None
-    codings = value.get("coding", []) if "coding" in value or "text" in value else [value]
+def codings_of(value: Any) -> list[JSON]:
+    """The Codings of a CodeableConcept in untrusted JSON (objects only; odd shapes give [])."""
+    return [c for c in as_list(as_dict(value).get("coding")) if isinstance(c, dict)]
+
+
+def code_in(value: Any, system: str, among: Container[str] | None = None) -> str | None:
+    """The first code of ``system`` in a CodeableConcept (or a bare Coding), else None.
+
+    With ``among`` (the codes a table knows), the first code of ``system`` that is one of them.
+    """
+    value = as_dict(value)
+    codings = codings_of(value) if "coding" in value or "text" in value else [value]
     for c in codings:
-        if c.get("system") == system and c.get("code"):
-            return c["code"]
+        code = nonempty(c.get("code"))
+        if c.get("system") == system and code and (among is None or code in among):
+            return code
     return None
 
 
-def codings_of(value: JSON | None) -> list[JSON]:
-    return list((value or {}).get("coding", []))
+def code_in_any(values: Any, system: str, among: Container[str] | None = None) -> str | None:
+    """``code_in`` over a list of CodeableConcepts (a ``type`` or ``category``): the first found."""
+    return next((code for value in as_list(values) if (code := code_in(value, system, among))), None)
+
+
+def code_keys(value: Any) -> list[tuple[str, str]]:
+    """(system, code) of every well-formed coding of a CodeableConcept, for table look-ups."""
+    return [(c["system"], c["code"]) for c in codings_of(value) if isinstance(c.get("system"), str) and isinstance(c.get("code"), str)]
+
+
+def shown_codes(value: Any) -> str:
+    """The codes of a CodeableConcept as ``system|code`` for report messages."""
+    return ", ".join(f"{system}|{code}" for system, code in code_keys(value)) or "none"
+
+
+def concept_text(value: Any, *, codes: bool = False) -> str | None:
+    """What a person would read of a CodeableConcept: its text, else the first coding display
+    (with ``codes``, else that coding's code), kept exactly as written.
+
+    Blank strings are passed over: the contract refuses text without a visible character, so
+    a display is better words than a blank text.
+    """
+    value = as_dict(value)
+    text = nonblank(value.get("text"))
+    if text:
+        return text
+    for c in codings_of(value):
+        words = nonblank(c.get("display")) or (nonblank(c.get("code")) if codes else None)
+        if words:
+            return words
+    return None
 
 
 # --- numbers and quantities -----------------------------------------------------------------
@@ -70,6 +117,20 @@ def to_decimal(value: Any) -> Decimal | None:
         return Decimal(str(value))
     except (InvalidOperation, ValueError):
         return None
+
+
+def finite_number(value: Any) -> int | float | None:
+    """``value`` if it is a finite JSON number, else None (a boolean is not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    # ints need no check (and math.isfinite cannot take one too large for a float)
+    return value if isinstance(value, int) or math.isfinite(value) else None
+
+
+def whole_number(value: Any) -> int | None:
+    """A JSON number that is whole, as an int (2.0 -> 2); None for anything else."""
+    found = finite_number(value)
+    return int(found) if found is not None and found == int(found) else None
 
 
 def ucum_quantity(value: Decimal | int | float, unit: str, display_unit: str | None = None) -> JSON:
@@ -136,8 +197,13 @@ def human_name(name: Any) -> JSON:
     return out
 
 
-def name_from_fhir(names: list[JSON] | None) -> JSON | None:
-    """The official (else first) HumanName as contract data, or None if it has no family/given."""
+def name_from_fhir(value: Any) -> JSON | None:
+    """The official (else first) HumanName as contract data, or None if it has no family/given.
+
+    ``value`` is the ``name`` element as found, so untrusted JSON is read through ``names_in``:
+    ``"name": "Bob"`` gives None, not a name spelled from its letters.
+    """
+    names = names_in(value)
     if not names:
         return None
     chosen = next((n for n in names if n.get("use") == "official"), names[0])
@@ -162,7 +228,13 @@ def address(value: Any, use: str = "home") -> JSON:
     }
 
 
-def address_from_fhir(addresses: list[JSON] | None) -> JSON | None:
+def address_from_fhir(value: Any) -> JSON | None:
+    """The first Address as contract data, or None if it lacks line, city, state or postal code.
+
+    ``value`` is the ``address`` element as found, read through ``addresses_in`` (see
+    ``name_from_fhir``).
+    """
+    addresses = addresses_in(value)
     if not addresses:
         return None
     a = addresses[0]
@@ -188,9 +260,11 @@ def telecom(contact: Any) -> list[JSON]:
     return out
 
 
-def contact_from_fhir(points: list[JSON] | None) -> JSON | None:
+def contact_from_fhir(value: Any) -> JSON | None:
+    """The first phone and email of a ``telecom`` element (untrusted JSON) as contract data."""
     out: JSON = {}
-    for p in points or []:
+    for p in as_list(value):
+        p = as_dict(p)
         if p.get("system") == "phone" and "phone" not in out and p.get("value"):
             out["phone"] = p["value"]
         elif p.get("system") == "email" and "email" not in out and p.get("value"):
@@ -204,15 +278,6 @@ def contact_from_fhir(points: list[JSON] | None) -> JSON | None:
 def extension(name: str, **value: Any) -> JSON:
     """One of the project's extensions: ``extension("session-attendance", valueCode="no-show")``."""
     return {"url": extension_url(name), **value}
-
-
-def extension_value(resource: JSON, name: str, value_key: str) -> Any:
-    url = extension_url(name)
-    extensions = resource.get("extension") if isinstance(resource, dict) else None
-    for ext in extensions if isinstance(extensions, list) else []:
-        if isinstance(ext, dict) and ext.get("url") == url:
-            return ext.get(value_key)
-    return None
 
 
 def drop_empty(resource: JSON) -> JSON:
@@ -305,9 +370,19 @@ def parse_time(value: Any) -> dt.time | None:
 SHAPE_ERRORS = (AttributeError, TypeError, KeyError, ValueError, IndexError)
 
 
+def nonempty(value: Any) -> str | None:
+    """``value`` if it is a non-empty string, kept exactly (blank or not: see ``nonblank``)."""
+    return value if isinstance(value, str) and value else None
+
+
 def nonblank(value: Any) -> str | None:
     """``value`` if it is a string with some non-space character, else None."""
     return value if isinstance(value, str) and value.strip() else None
+
+
+def note_texts(value: Any) -> list[str]:
+    """The texts of a list of Annotations (``note``), non-empty strings kept exactly."""
+    return [text for n in as_list(value) if (text := nonempty(as_dict(n).get("text")))]
 
 
 def strings(value: Any) -> list[str]:
@@ -318,7 +393,7 @@ def strings(value: Any) -> list[str]:
 def names_in(value: Any) -> list[JSON]:
     """The HumanNames of untrusted JSON, their list parts kept to strings.
 
-    So ``name_from_fhir(names_in(x))`` neither crashes on ``"name": "Bob"`` nor reads
+    So readers (``name_from_fhir`` among them) neither crash on ``"name": "Bob"`` nor read
     ``"given": "Ann"`` as the letters ``["A", "n", "n"]``.
     """
     return [{**n, **{k: strings(n[k]) for k in ("given", "prefix", "suffix") if k in n}} for n in as_list(value) if isinstance(n, dict)]
@@ -327,6 +402,11 @@ def names_in(value: Any) -> list[JSON]:
 def addresses_in(value: Any) -> list[JSON]:
     """The Addresses of untrusted JSON, ``line`` kept to strings (see ``names_in``)."""
     return [{**a, "line": strings(a.get("line"))} for a in as_list(value) if isinstance(a, dict)]
+
+
+def identifiers_in(value: Any) -> list[JSON]:
+    """The Identifiers of untrusted JSON whose ``system`` and ``value``, where given, are strings."""
+    return [i for i in as_list(value) if isinstance(i, dict) and all(isinstance(i.get(k, ""), str) for k in ("system", "value"))]
 
 
 def where(resource: JSON, path: str = "") -> str:
@@ -384,31 +464,63 @@ def settle(model: Any, item: JSON, report: Any, location: str) -> JSON | None:
     return None
 
 
+class ItemReader:
+    """Reports problems of one foreign resource at its location and remembers if it must be left out."""
+
+    def __init__(self, resource: JSON, report: Any) -> None:
+        self.resource = resource
+        self.report = report
+        self.ok = True
+
+    def at(self, path: str = "") -> str:
+        return where(self.resource, path)
+
+    def error(self, path: str, message: str, code: str = "invalid") -> None:
+        """Something the record needs is missing or unusable: the item is left out."""
+        self.ok = False
+        self.report.error(self.at(path), message, code=code)
+
+    def leave_out(self, path: str, message: str) -> None:
+        """The resource holds data the record has no place for at all: warned, left out."""
+        self.ok = False
+        self.report.warning(self.at(path), message)
+
+    def warning(self, path: str, message: str) -> None:
+        self.report.warning(self.at(path), message)
+
+    def info(self, path: str, message: str) -> None:
+        self.report.info(self.at(path), message)
+
+    def checked(self, model: Any, item: JSON) -> JSON | None:
+        """``item`` if nothing made the reader fail and the contract ``model`` accepts it (see ``settle``)."""
+        if not self.ok:
+            return None
+        return settle(model, item, self.report, self.at())
+
+
+def first_of_each(read: Any, key: str, sources: dict[str, JSON], report: Any) -> Any:
+    """Wrap ``read`` (resource -> item or None) to keep the first item per ``item[key]``.
+
+    A second resource for the same item (another version, a duplicate) cannot be carried: it
+    is reported and left out. ``sources`` collects key -> the resource each kept item came from.
+    """
+
+    def first(resource: JSON) -> JSON | None:
+        item = read(resource)
+        if item is None:
+            return None
+        if item[key] in sources:
+            report.warning(where(resource, "identifier"), f"another resource already gave {key} {item[key]!r}; left out")
+            return None
+        sources[item[key]] = resource
+        return item
+
+    return first
+
+
 def identifier_values(resource: JSON, system: str) -> list[str]:
     """The string values of a resource's identifiers in ``system``, in order."""
-    return [i["value"] for i in as_list(resource.get("identifier")) if isinstance(i, dict) and i.get("system") == system and nonblank(i.get("value"))]
-
-
-def readable_ids(resource: JSON) -> JSON:
-    """A shallow copy of ``resource`` whose ``id`` and ``identifier`` have the types
-    ``context.local_id`` and ``identifier_base`` expect (foreign JSON may hold anything there)."""
-    idents = [i for i in as_list(resource.get("identifier")) if isinstance(i, dict) and all(isinstance(i.get(k, ""), str) for k in ("system", "value"))]
-    return {**resource, "id": nonblank(resource.get("id")), "identifier": idents}
-
-
-def identifier_kind(resource: JSON, kinds: tuple[str, ...]) -> str | None:
-    """Which of ``kinds`` a resource's business identifier names (system ``{base}/{kind}``), if any."""
-    for ident in readable_ids(resource)["identifier"]:
-        system = ident.get("system", "")
-        for kind in kinds:
-            if system.endswith(f"/{kind}") and ident.get("value"):
-                return kind
-    return None
-
-
-def reference_text(value: Any) -> str | None:
-    """The ``reference`` string of a Reference in untrusted JSON (for ``ResourceIndex.resolve``), else None."""
-    return nonblank(as_dict(value).get("reference"))
+    return [i["value"] for i in identifiers_in(resource.get("identifier")) if i.get("system") == system and nonblank(i.get("value"))]
 
 
 def choices(model: Any, field: str) -> frozenset[str]:

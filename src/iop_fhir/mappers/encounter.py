@@ -25,31 +25,32 @@ minutes to the period.
 from __future__ import annotations
 
 import datetime as dt
-import math
 from functools import cache
 from typing import Any
 
 from iop_fhir import terminology
-from iop_fhir.mappers.context import MappingContext, ResourceIndex, local_id
+from iop_fhir.mappers.context import MappingContext, ResourceIndex, local_id, practitioner_id
 from iop_fhir.mappers.datatypes import (
     as_dict,
     as_list,
     choices,
+    code_keys,
+    codings_of,
     coding,
     concept,
     drop_empty,
     extension,
     fhir_datetime,
+    finite_number,
     own_extensions,
     parse_datetime,
     read_each,
-    readable_ids,
     settle,
+    table_coding,
     ucum_quantity,
     unknown_modifiers,
     where,
 )
-from iop_fhir.mappers.medication_request import practitioner_id
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.record.model import Session
 
@@ -68,12 +69,7 @@ MINUTES_PER = {"min": 1, "minutes": 1, "h": 60, "hours": 60}
 
 def session_codings(kind: str) -> list[JSON]:
     """SNOMED CT (and CPT where listed) codings of a session kind: fresh dicts, the table stays untouched."""
-    return [coding(c["system"], c["code"], c["display"]) for c in terminology.tables()["session_kinds"][kind]]
-
-
-def session_reference(ctx: MappingContext, session_id: str) -> JSON:
-    """Reference to the Encounter of one session (the care plan points at attended ones)."""
-    return ctx.ids.reference("Encounter", KIND, session_id)
+    return [table_coding(c) for c in terminology.tables()["session_kinds"][kind]]
 
 
 # --- forward --------------------------------------------------------------------------------
@@ -128,12 +124,7 @@ def _kind_by_code() -> dict[tuple[str, str], str]:
 def session_kind(value: Any) -> str | None:
     """The session kind a CodeableConcept names by any code of the session_kinds table."""
     table = _kind_by_code()
-    for c in as_list(as_dict(value).get("coding")):
-        c = as_dict(c)
-        kind = table.get((c.get("system"), c.get("code")))
-        if kind:
-            return kind
-    return None
+    return next((table[key] for key in code_keys(value) if key in table), None)
 
 
 def from_fhir(index: ResourceIndex, draft: JSON, report: MappingReport) -> None:
@@ -163,7 +154,7 @@ def _session(index: ResourceIndex, resource: JSON, report: MappingReport) -> JSO
     minutes = _minutes(resource, start, attendance, here, report)
     if minutes is None:
         return None
-    session_id = local_id(readable_ids(resource), KIND, report)
+    session_id = local_id(resource, KIND, report)
     if session_id is None:
         report.error(f"{here}.identifier", "no session identifier or usable id: session skipped", code="required")
         return None
@@ -197,7 +188,7 @@ def _minutes(resource: JSON, start: dt.datetime, attendance: str, here: str, rep
     per_unit = MINUTES_PER.get(length.get("code") or length.get("unit"))
     value = length.get("value")
     minutes: Any = None
-    if per_unit and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if per_unit and finite_number(value) is not None:
         minutes = value * per_unit
     else:
         end = parse_datetime(as_dict(resource.get("period")).get("end"))
@@ -230,4 +221,4 @@ def _clinician(index: ResourceIndex, resource: JSON, here: str, report: MappingR
 
 
 def _is_primary(value: Any) -> bool:
-    return any(as_dict(c).get("code") == "PPRF" for c in as_list(as_dict(value).get("coding")))
+    return any(c.get("code") == "PPRF" for c in codings_of(value))

@@ -33,23 +33,24 @@ from decimal import Decimal
 from typing import Any
 
 from iop_fhir import terminology
-from iop_fhir.mappers.context import MappingContext, ResourceIndex, local_id
+from iop_fhir.mappers.context import MappingContext, ResourceIndex, identifier_kind, local_id
 from iop_fhir.mappers.datatypes import (
     as_dict,
     as_list,
     choices,
+    code_in,
+    code_in_any,
     coding,
     concept,
     drop_empty,
     extension,
     fhir_date,
-    identifier_kind,
     number,
     own_extensions,
     parse_date,
     read_each,
-    readable_ids,
     settle,
+    table_coding,
     to_decimal,
     ucum_quantity,
     unknown_modifiers,
@@ -104,14 +105,9 @@ def to_fhir(ctx: MappingContext) -> list[JSON]:
         "managingOrganization": ctx.organization,
         "period": drop_empty({"start": fhir_date(enrolment.start), "end": fhir_date(end) if end else None}),
         "careManager": _case_manager(ctx),
-        "team": [care_team_reference(ctx)] if record.care_team else [],
+        "team": [ctx.care_team] if record.care_team else [],
     }
     return [drop_empty(resource)]
-
-
-def care_team_reference(ctx: MappingContext) -> JSON:
-    """The record's CareTeam (care_team.py makes it; one per episode)."""
-    return ctx.ids.reference("CareTeam", "care-team", ctx.record.id, shared=True)
 
 
 def program_service(record: IopRecord) -> JSON | None:
@@ -128,7 +124,7 @@ def program_service(record: IopRecord) -> JSON | None:
 def _types(record: IopRecord) -> list[JSON]:
     service = program_service(record)
     modality = record.enrolment.modality
-    types = [concept(coding(service["system"], service["code"], service["display"]))] if service else []
+    types = [concept(table_coding(service))] if service else []
     types.append(concept(coding(MODALITY, modality, MODALITY_DISPLAY[modality])))
     return types
 
@@ -211,7 +207,7 @@ def _read_episode(resource: JSON, report: MappingReport) -> JSON:
     if unknown_modifiers(resource, report):
         return {}
     out: JSON = {}
-    episode_id = local_id(readable_ids(resource), KIND, report, shared=True)
+    episode_id = local_id(resource, KIND, report, shared=True)
     if episode_id:
         out["id"] = episode_id
     else:
@@ -241,7 +237,7 @@ def _enrolment(resource: JSON, extensions: dict[str, JSON], period: JSON, actual
     schedule = _schedule(extensions.get("program-schedule"))
     if schedule is None:
         missing.append("the program schedule (extension program-schedule)")
-    modality = _modality(resource)
+    modality = code_in_any(resource.get("type"), MODALITY, among=MODALITY_DISPLAY)
     if modality is None:
         missing.append("the modality (type coding of CodeSystem/modality)")
     if missing:
@@ -284,23 +280,11 @@ def _schedule(ext: JSON | None) -> JSON | None:
     return {"days_per_week": days, "hours_per_day": number(hours), "weeks": weeks}
 
 
-def _modality(resource: JSON) -> str | None:
-    for value in as_list(resource.get("type")):
-        for c in as_list(as_dict(value).get("coding")):
-            c = as_dict(c)
-            if c.get("system") == MODALITY and c.get("code") in MODALITY_DISPLAY:
-                return c["code"]
-    return None
-
-
 def _discharge(resource: JSON, extensions: dict[str, JSON], actual_end: Any, report: MappingReport) -> JSON | None:
     disposition_ext = extensions.get("discharge-disposition")
     if disposition_ext is None:
         return None
-    codings = [as_dict(c) for c in as_list(as_dict(disposition_ext.get("valueCodeableConcept")).get("coding"))]
-    disposition = next(
-        (c["code"] for c in codings if c.get("system") == DISCHARGE_DISPOSITION and c.get("code") in DISPOSITION_DISPLAY), None
-    )
+    disposition = code_in(disposition_ext.get("valueCodeableConcept"), DISCHARGE_DISPOSITION, among=DISPOSITION_DISPLAY)
     date = actual_end
     if disposition is None or date is None:
         lacking = "a known disposition code" if disposition is None else "a date (period.end)"

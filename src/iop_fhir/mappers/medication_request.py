@@ -80,29 +80,39 @@ from decimal import Decimal
 from typing import Any
 
 from iop_fhir import terminology
-from iop_fhir.mappers.context import MappingContext, ResourceIndex, local_id
+from iop_fhir.mappers.context import (
+    MappingContext,
+    ResourceIndex,
+    identifier_kind,
+    known_ids,
+    local_id,
+    practitioner_id,
+    reference_text,
+    referenced_id,
+)
 from iop_fhir.mappers.datatypes import (
+    ItemReader,
     as_dict,
     as_list,
     code_in,
     codings_of,
     coding,
     concept,
+    concept_text,
     drop_empty,
     extension,
     fhir_date,
     fhir_time,
-    identifier_kind,
-    nonblank,
+    first_of_each,
+    nonempty,
+    note_texts,
     number,
     own_extensions,
     parse_date,
     parse_time,
     quantity_parts,
     read_each,
-    readable_ids,
-    reference_text,
-    settle,
+    table_coding,
     to_decimal,
     ucum_quantity,
     where,
@@ -110,7 +120,16 @@ from iop_fhir.mappers.datatypes import (
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.record.model import DischargeMedication, Medication, Prescription, Quantity
 from iop_fhir.record.validate import DOSE_UNITS, INACTIVE_PRESCRIPTION
-from iop_fhir.terminology import ICD10CM, MEDREQ_CATEGORY, MEDREQ_COURSE, RXNORM, SNOMED
+from iop_fhir.terminology import (
+    ICD10CM,
+    MEDREQ_CATEGORY,
+    MEDREQ_COURSE,
+    RXNORM,
+    SNOMED,
+    V3_ROUTE,
+    V3_SUBSTITUTION,
+    V3_TIMING_ABBREVIATION,
+)
 
 JSON = dict[str, Any]
 
@@ -120,23 +139,15 @@ PROFILE = terminology.us_core("us-core-medicationrequest")
 
 # --- code tables ----------------------------------------------------------------------------
 
-ROUTES: dict[str, tuple[str, str]] = {
-    "oral": ("26643006", "Oral route"),
-    "sublingual": ("37839007", "Sublingual route"),
-    "buccal": ("54471007", "Buccal route"),
-    "intramuscular": ("78421000", "Intramuscular route"),
-    "subcutaneous": ("34206005", "Subcutaneous route"),
-    "nasal": ("46713006", "Nasal route"),
-    "transdermal": ("45890007", "Transdermal route"),
-}
-V3_ROUTE = "http://terminology.hl7.org/CodeSystem/v3-RouteOfAdministration"
+# Contract route -> its SNOMED CT coding (terminology: routes).
+ROUTES: dict[str, JSON] = terminology.tables()["routes"]
 # Foreign systems often code routes in HL7 v3 RouteOfAdministration (R4 value set, 2018-08-12).
 ROUTES_V3 = {
     "PO": "oral", "SL": "sublingual", "BUC": "buccal", "IM": "intramuscular", "IMD": "intramuscular",
     "IMZ": "intramuscular", "SQ": "subcutaneous", "NASAL": "nasal", "NASALINSTIL": "nasal",
     "NASINHL": "nasal", "TRNSDERM": "transdermal", "TRNSDERMD": "transdermal",
 }
-ROUTES_SNOMED = {code: route for route, (code, _) in ROUTES.items()}
+ROUTES_SNOMED = {spec["code"]: route for route, spec in ROUTES.items()}
 
 SETTINGS = {"community": "Community", "outpatient": "Outpatient", "discharge": "Discharge"}
 COURSES = {"continuous": "Continuous long term therapy", "acute": "Short course (acute) therapy", "seasonal": "Seasonal"}
@@ -152,14 +163,12 @@ NOT_CARRIED_REPEAT = (
 )
 
 # R4 timing-abbreviation (v3-GTSAbbreviation): code -> (frequency, period, periodUnit).
-TIMING_ABBREVIATION = "http://terminology.hl7.org/CodeSystem/v3-GTSAbbreviation"
 TIMING_CODES: dict[str, tuple[int, int, str]] = {
     "QD": (1, 1, "d"), "AM": (1, 1, "d"), "PM": (1, 1, "d"), "BED": (1, 1, "d"), "BID": (2, 1, "d"),
     "TID": (3, 1, "d"), "QID": (4, 1, "d"), "QOD": (1, 2, "d"), "Q1H": (1, 1, "h"), "Q2H": (1, 2, "h"),
     "Q3H": (1, 3, "h"), "Q4H": (1, 4, "h"), "Q6H": (1, 6, "h"), "Q8H": (1, 8, "h"), "WK": (1, 1, "wk"),
     "MO": (1, 1, "mo"),
 }
-SUBSTITUTION = "http://terminology.hl7.org/CodeSystem/v3-substanceAdminSubstitution"
 
 # Human text for UCUM count units (Quantity.unit); the UCUM code stays in Quantity.code.
 UNIT_TEXT = {"{tbl}": "tablet", "{Capsule}": "capsule", "{spray}": "spray", "{Package}": "package", "{patch}": "patch"}
@@ -188,8 +197,7 @@ def medication_concept(medication: Medication) -> JSON:
 
 def route_coding(route: str) -> JSON:
     """SNOMED CT coding of a contract route (``oral`` -> 26643006 Oral route)."""
-    code, display = ROUTES[route]
-    return coding(SNOMED, code, display)
+    return table_coding(terminology.route(route))
 
 
 def unit_text(unit: str, medication: Medication | None = None) -> str | None:
@@ -328,105 +336,6 @@ def discharge_medication_resource(ctx: MappingContext, entry: DischargeMedicatio
 # --- reverse: shared readers --------------------------------------------------------------------
 
 
-class ItemReader:
-    """Reports problems of one foreign resource at its location and remembers if it must be left out."""
-
-    def __init__(self, resource: JSON, report: MappingReport) -> None:
-        self.resource = resource
-        self.report = report
-        self.ok = True
-
-    def at(self, path: str = "") -> str:
-        return where(self.resource, path)
-
-    def error(self, path: str, message: str, code: str = "invalid") -> None:
-        """Something the record needs is missing or unusable: the item is left out."""
-        self.ok = False
-        self.report.error(self.at(path), message, code=code)
-
-    def leave_out(self, path: str, message: str) -> None:
-        """The resource holds data the record has no place for at all: warned, left out."""
-        self.ok = False
-        self.report.warning(self.at(path), message)
-
-    def warning(self, path: str, message: str) -> None:
-        self.report.warning(self.at(path), message)
-
-    def info(self, path: str, message: str) -> None:
-        self.report.info(self.at(path), message)
-
-    def checked(self, model: Any, item: JSON) -> JSON | None:
-        """``item`` if nothing made the reader fail and the contract ``model`` accepts it (see ``settle``)."""
-        if not self.ok:
-            return None
-        return settle(model, item, self.report, self.at())
-
-
-def text_of(value: Any) -> str | None:
-    """``value`` if it is a non-empty string, kept exactly (the contract keeps spaces as written)."""
-    return value if isinstance(value, str) and value else None
-
-
-def concept_words(value: Any) -> str | None:
-    """Words of a CodeableConcept: its text, else the first coding display, else that coding's code."""
-    value = as_dict(value)
-    if text_of(value.get("text")):
-        return value["text"]
-    for c in codings_of(value) if isinstance(value.get("coding"), list) else []:
-        words = text_of(as_dict(c).get("display")) or text_of(as_dict(c).get("code"))
-        if words:
-            return words
-    return None
-
-
-def referenced_id(
-    index: ResourceIndex, reference: Any, holder: JSON, types: tuple[str, ...], kind: str, *, shared: bool = False
-) -> str | None:
-    """The record-local id of the resource a Reference names, if it is in ``index`` and of ``types``.
-
-    Literal references resolve through the index; a logical reference (``identifier`` only)
-    matches a resource of ``types`` carrying the same identifier.
-    """
-    reference = as_dict(reference)
-    target = index.resolve(reference_text(reference), holder)
-    wanted = as_dict(reference.get("identifier"))
-    if target is None and nonblank(wanted.get("value")):
-        key = (wanted.get("system"), wanted["value"])
-        target = next(
-            (
-                res
-                for rtype in types
-                for res in index.of_type(rtype)
-                if any((as_dict(i).get("system"), as_dict(i).get("value")) == key for i in as_list(res.get("identifier")))
-            ),
-            None,
-        )
-    if not isinstance(target, dict) or target.get("resourceType") not in types:
-        return None
-    return local_id(readable_ids(target), kind, shared=shared)
-
-
-def practitioner_id(index: ResourceIndex, reference: Any, holder: JSON) -> str | None:
-    """The care-team member id a requester/owner names: a Practitioner, or a PractitionerRole's practitioner."""
-    found = referenced_id(index, reference, holder, ("Practitioner",), "staff", shared=True)
-    if found is not None:
-        return found
-    role = index.resolve(reference_text(reference), holder)
-    if not isinstance(role, dict) or role.get("resourceType") != "PractitionerRole":
-        return None
-    if identifier_kind(role, ("staff-role",)):
-        return local_id(readable_ids(role), "staff-role", shared=True)
-    return referenced_id(index, role.get("practitioner"), role, ("Practitioner",), "staff", shared=True)
-
-
-def known_ids(draft: JSON, collection: str) -> set[str] | None:
-    """Ids of a collection other families already put in the draft (None: not there to check)."""
-    items = draft.get(collection)
-    if not isinstance(items, list):
-        return None
-    return {item["id"] for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)}
-
-
 def quantity_from_fhir(value: Any, r: ItemReader, path: str, *, required: bool = True) -> JSON | None:
     """A dose-like Quantity as contract JSON ``{"value", "unit"}`` with a unit the contract takes.
 
@@ -456,7 +365,7 @@ def route_from_fhir(value: Any) -> str | None:
     value = as_dict(value)
     route = ROUTES_SNOMED.get(code_in(value, SNOMED) or "") or ROUTES_V3.get(code_in(value, V3_ROUTE) or "")
     if route is None:
-        words = (concept_words(value) or "").lower()
+        words = (concept_text(value, codes=True) or "").lower()
         route = next((name for name in ROUTES if name in words), None)
     return route
 
@@ -472,14 +381,14 @@ def medication_from_fhir(resource: JSON, index: ResourceIndex, r: ItemReader) ->
             r.error(path, "does not name a Medication in the input; the product is unknown")
             return None
         value = as_dict(target.get("code"))
-    rxnorm = [as_dict(c) for c in as_list(value.get("coding")) if as_dict(c).get("system") == RXNORM]
+    rxnorm = [c for c in codings_of(value) if c.get("system") == RXNORM]
     usable = [c for c in rxnorm if isinstance(c.get("code"), str) and re.fullmatch(r"[0-9]{1,8}", c["code"])]
     if not usable:
         r.error(path, "no RxNorm code; the record names products by RxNorm only")
         return None
     chosen = usable[0]
     known = terminology.medication(chosen["code"])
-    display = text_of(chosen.get("display")) or text_of(value.get("text")) or (known or {}).get("display")
+    display = nonempty(chosen.get("display")) or nonempty(value.get("text")) or (known or {}).get("display")
     if display is None:
         r.error(path, f"RxNorm {chosen['code']} has no display and the gateway does not know it")
         return None
@@ -518,29 +427,9 @@ def _is_discharge_medication(resource: JSON) -> bool:
     return identifier_kind(resource, (DISCHARGE_KIND,)) is not None
 
 
-def first_of_each(read: Any, key: str, sources: dict[str, JSON], report: MappingReport) -> Any:
-    """Wrap ``read`` (resource -> item or None) to keep the first item per ``item[key]``.
-
-    A second resource for the same item (another version, a duplicate) cannot be carried: it
-    is reported and left out. ``sources`` collects key -> the resource each kept item came from.
-    """
-
-    def first(resource: JSON) -> JSON | None:
-        item = read(resource)
-        if item is None:
-            return None
-        if item[key] in sources:
-            report.warning(where(resource, "identifier"), f"another resource already gave {key} {item[key]!r}; left out")
-            return None
-        sources[item[key]] = resource
-        return item
-
-    return first
-
-
 def _read_prescription(resource: JSON, index: ResourceIndex, known: dict[str, set[str] | None], report: MappingReport) -> JSON | None:
     r = ItemReader(resource, report)
-    pid = local_id(readable_ids(resource), KIND, report)
+    pid = local_id(resource, KIND, report)
     if pid is None:
         r.error("identifier", "no prescription identifier nor usable id; left out", code="required")
         return None
@@ -596,7 +485,7 @@ def _prescriber(resource: JSON, index: ResourceIndex, team: set[str] | None, ite
 def dosage_from_fhir(value: JSON, medication: JSON | None, r: ItemReader, path: str = "dosageInstruction[0]") -> JSON:
     """Contract dosage fields (instructions, dose, route, as_needed, timing, start/end) of one Dosage."""
     out: JSON = {}
-    text, patient = text_of(value.get("text")), text_of(value.get("patientInstruction"))
+    text, patient = nonempty(value.get("text")), nonempty(value.get("patientInstruction"))
     if text or patient:
         out["instructions"] = text or patient
         if text and patient and text != patient:
@@ -628,7 +517,7 @@ def dosage_from_fhir(value: JSON, medication: JSON | None, r: ItemReader, path: 
         out["as_needed"] = True
     elif isinstance(value.get("asNeededCodeableConcept"), dict):
         out["as_needed"] = True
-        reason = concept_words(value["asNeededCodeableConcept"])
+        reason = concept_text(value["asNeededCodeableConcept"], codes=True)
         if reason is not None:
             out["as_needed_reason"] = reason
     for element in ("site", "method", "additionalInstruction", "maxDosePerPeriod", "maxDosePerAdministration", "maxDosePerLifetime"):
@@ -655,7 +544,7 @@ def timing_from_fhir(value: JSON, r: ItemReader, path: str) -> JSON:
     """``timing`` (frequency per period, times of day) and ``start``/``end`` from a Timing."""
     repeat = as_dict(value.get("repeat"))
     frequency, period, unit = repeat.get("frequency"), repeat.get("period"), repeat.get("periodUnit")
-    abbreviation = code_in(as_dict(value.get("code")), TIMING_ABBREVIATION)
+    abbreviation = code_in(value.get("code"), V3_TIMING_ABBREVIATION)
     if period is None and abbreviation in TIMING_CODES:
         frequency, period, unit = TIMING_CODES[abbreviation]
         r.info(f"{path}.code", f"timing {abbreviation} read as {frequency} per {period} {unit}")
@@ -734,7 +623,7 @@ def _dispense(resource: JSON, index: ResourceIndex, pharmacies: set[str] | None,
         item["substitution_allowed"] = substitution["allowedBoolean"]
     elif "allowedCodeableConcept" in substitution:
         # v3 substanceAdminSubstitution: N = none allowed; every other code allows some.
-        item["substitution_allowed"] = code_in(as_dict(substitution["allowedCodeableConcept"]), SUBSTITUTION) != "N"
+        item["substitution_allowed"] = code_in(substitution["allowedCodeableConcept"], V3_SUBSTITUTION) != "N"
 
 
 def _days_supply(value: Any) -> int | None:
@@ -763,7 +652,7 @@ def days_supply_for(amount: JSON, dose: JSON, timing: JSON) -> int | None:
 def _classification(resource: JSON, medication: JSON | None, item: JSON, r: ItemReader) -> None:
     """Setting, course, status reason, DEA schedule and MAT flag."""
     for i, cat in enumerate(as_list(resource.get("category"))):
-        code = code_in(as_dict(cat), MEDREQ_CATEGORY)
+        code = code_in(cat, MEDREQ_CATEGORY)
         if code in SETTINGS:
             item["setting"] = code
             break
@@ -771,12 +660,12 @@ def _classification(resource: JSON, medication: JSON | None, item: JSON, r: Item
             r.warning(f"category[{i}]", f"category {code!r} is not an IOP setting; the record's default applies")
     course = resource.get("courseOfTherapyType")
     if course is not None:
-        code = code_in(as_dict(course), MEDREQ_COURSE)
+        code = code_in(course, MEDREQ_COURSE)
         if code in COURSES:
             item["course"] = code
         else:
             r.warning("courseOfTherapyType", "not a medicationrequest-course-of-therapy code; the record's default applies")
-    reason = concept_words(resource.get("statusReason"))
+    reason = concept_text(resource.get("statusReason"), codes=True)
     if reason is not None:
         item["status_reason"] = reason
     ours = own_extensions(resource, r.report, r.at())
@@ -826,10 +715,10 @@ def _links(resource: JSON, index: ResourceIndex, diagnoses: set[str] | None, ite
 
 
 def _condition_with_code(index: ResourceIndex, reason_codes: Any) -> str | None:
-    codes = {code_in(as_dict(c), ICD10CM) for c in as_list(reason_codes)} - {None}
+    codes = {code_in(c, ICD10CM) for c in as_list(reason_codes)} - {None}
     for condition in index.of_type("Condition"):
-        if isinstance(condition, dict) and code_in(as_dict(condition.get("code")), ICD10CM) in codes:
-            return local_id(readable_ids(condition), "diagnosis")
+        if isinstance(condition, dict) and code_in(condition.get("code"), ICD10CM) in codes:
+            return local_id(condition, "diagnosis")
     return None
 
 
@@ -841,7 +730,7 @@ def _read_discharge_medication(resource: JSON, index: ResourceIndex, mapped: set
     prescription = referenced_id(index, resource.get("priorPrescription"), resource, ("MedicationRequest",), KIND)
     if prescription is None:
         # Our identifier's value is the prescription id itself.
-        prescription = local_id(readable_ids(resource), DISCHARGE_KIND)
+        prescription = local_id(resource, DISCHARGE_KIND)
         r.info("priorPrescription", "not in the input; the discharge-medication identifier names the prescription")
     if prescription not in mapped:
         r.error("priorPrescription", f"prescription {prescription!r} is not among the mapped prescriptions; entry left out")
@@ -856,7 +745,7 @@ def _read_discharge_medication(resource: JSON, index: ResourceIndex, mapped: set
             return None
         r.warning("extension", f"no discharge disposition; {disposition!r} read from status {status!r}")
     item["disposition"] = disposition
-    notes = [n for n in (text_of(as_dict(n).get("text")) for n in as_list(resource.get("note"))) if n]
+    notes = note_texts(resource.get("note"))
     if notes:
         item["note"] = notes[0]
     if len(notes) > 1:

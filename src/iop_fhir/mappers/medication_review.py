@@ -34,30 +34,22 @@ from __future__ import annotations
 from typing import Any
 
 from iop_fhir import terminology
-from iop_fhir.mappers.context import MappingContext, ResourceIndex, local_id
+from iop_fhir.mappers.context import MappingContext, ResourceIndex, identifier_kind, known_ids, local_id, practitioner_id, referenced_id
 from iop_fhir.mappers.datatypes import (
+    ItemReader,
     as_dict,
     as_list,
     code_in,
     coding,
     concept,
+    concept_text,
     drop_empty,
     fhir_date,
-    identifier_kind,
+    first_of_each,
     parse_date,
     read_each,
-    readable_ids,
 )
-from iop_fhir.mappers.medication_request import (
-    ItemReader,
-    concept_words,
-    first_of_each,
-    known_ids,
-    practitioner_id,
-    quantity,
-    quantity_from_fhir,
-    referenced_id,
-)
+from iop_fhir.mappers.medication_request import quantity, quantity_from_fhir
 from iop_fhir.mappers.medication_request import KIND as PRESCRIPTION
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.record.model import MedicationReview
@@ -103,7 +95,6 @@ def review_resource(ctx: MappingContext, review: MedicationReview) -> JSON:
     outputs = []
     if review.new_prescription_id is not None:
         outputs.append({"type": part_type(OUTPUT, "new-prescription"), "valueReference": ctx.prescription(review.new_prescription_id)})
-    snomed = terminology.tables()["snomed"]
     return drop_empty(
         {
             "resourceType": "Task",
@@ -111,7 +102,7 @@ def review_resource(ctx: MappingContext, review: MedicationReview) -> JSON:
             "identifier": [ctx.ids.identifier(KIND, review.id)],
             "status": "completed",
             "intent": "order",
-            "code": concept(coding(SNOMED, REVIEW_CODE, snomed[REVIEW_CODE])),
+            "code": concept(coding(SNOMED, REVIEW_CODE, terminology.snomed_display(REVIEW_CODE))),
             "focus": ctx.prescription(review.prescription_id),
             "for": ctx.patient,
             "executionPeriod": {"start": date},
@@ -142,12 +133,12 @@ def from_fhir(index: ResourceIndex, draft: JSON, report: MappingReport) -> None:
 
 def is_review(task: JSON) -> bool:
     """Ours (a medication-review identifier) or anyone's Task coded SNOMED CT 182836005."""
-    return identifier_kind(task, (KIND,)) is not None or code_in(as_dict(task.get("code")), SNOMED) == REVIEW_CODE
+    return identifier_kind(task, (KIND,)) is not None or code_in(task.get("code"), SNOMED) == REVIEW_CODE
 
 
 def _read_review(task: JSON, index: ResourceIndex, known: dict[str, set[str] | None], report: MappingReport) -> JSON | None:
     r = ItemReader(task, report)
-    review_id = local_id(readable_ids(task), KIND, report)
+    review_id = local_id(task, KIND, report)
     if review_id is None:
         r.error("identifier", "no medication-review identifier nor usable id; left out", code="required")
         return None
@@ -173,7 +164,7 @@ def _read_review(task: JSON, index: ResourceIndex, known: dict[str, set[str] | N
         r.error("owner", "neither owner nor requester is a care-team member; a review needs its reviewer", code="required")
     else:
         item["reviewer_id"] = reviewer
-    reason = concept_words(task.get("reasonCode"))
+    reason = concept_text(task.get("reasonCode"), codes=True)
     if reason is not None:
         item["reason"] = reason
     elif "reasonReference" in task:
@@ -186,11 +177,12 @@ def _parts(task: JSON, index: ResourceIndex, prescriptions: set[str] | None, ite
     """Action and new dose from ``input``, the new prescription from ``output``."""
     for i, part in enumerate(as_list(task.get("input"))):
         part = as_dict(part)
-        kind = code_in(as_dict(part.get("type")), INPUT)
+        kind = code_in(part.get("type"), INPUT)
         if kind == "action" and "action" not in item:
             value = part.get("valueCode")
             if value is None:  # other writers: a CodeableConcept or a string
-                value = code_in(as_dict(part.get("valueCodeableConcept")), INPUT) or concept_words(part.get("valueCodeableConcept"))
+                coded = part.get("valueCodeableConcept")
+                value = code_in(coded, INPUT) or concept_text(coded, codes=True)
                 value = value if value is not None else part.get("valueString")
             if value in ACTIONS:
                 item["action"] = value
@@ -206,7 +198,7 @@ def _parts(task: JSON, index: ResourceIndex, prescriptions: set[str] | None, ite
         r.error("input", f"no review action ({', '.join(sorted(ACTIONS))})", code="required")
     for i, part in enumerate(as_list(task.get("output"))):
         part = as_dict(part)
-        if code_in(as_dict(part.get("type")), OUTPUT) != "new-prescription" or "new_prescription_id" in item:
+        if code_in(part.get("type"), OUTPUT) != "new-prescription" or "new_prescription_id" in item:
             r.warning(f"output[{i}]", "an output the record has no place for; dropped")
             continue
         new = referenced_id(index, part.get("valueReference"), task, ("MedicationRequest",), PRESCRIPTION)

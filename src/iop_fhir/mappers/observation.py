@@ -94,25 +94,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from decimal import Decimal
 from functools import cache
-from typing import Any, get_args
+from typing import Any
 
 from iop_fhir import terminology
 from iop_fhir.mappers import observation_assessment as assessment
 from iop_fhir.mappers import observation_drug_screen as drug_screen
 from iop_fhir.mappers.context import MappingContext, ResourceIndex
-from iop_fhir.mappers.datatypes import coding, concept, fhir_datetime, number, quantity_parts, ucum_quantity
+from iop_fhir.mappers.datatypes import (
+    as_list,
+    choices,
+    code_in,
+    code_keys,
+    coding,
+    concept,
+    concept_text,
+    fhir_datetime,
+    note_texts,
+    number,
+    quantity_parts,
+    shown_codes,
+    table_coding,
+    ucum_quantity,
+)
 from iop_fhir.mappers.observation_common import (
     JSON,
     ObservationReader,
     category,
-    code_keys,
-    concept_text,
     contract_amount,
-    first_code,
-    items_of,
     label,
     observation,
-    shown_codes,
 )
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.record.model import AdherenceEvent, DrugLevel, SideEffect, Vital
@@ -135,12 +145,8 @@ SIDE_EFFECT_CODE = "62014003"
 SIDE_EFFECT_PARTS = code_system("side-effect")
 SEVERITY = code_system("severity")
 ACTION = code_system("side-effect-action")
-# SNOMED severity qualifiers of FHIR's condition-severity value set, sent beside our code.
-SEVERITY_SNOMED = {
-    "mild": ("255604002", "Mild (qualifier value)"),
-    "moderate": ("6736007", "Moderate (severity modifier) (qualifier value)"),
-    "severe": ("24484000", "Severe (severity modifier) (qualifier value)"),
-}
+# Severity -> the SNOMED CT severity qualifier sent beside our code (terminology.severity).
+SEVERITY_SNOMED: dict[str, JSON] = terminology.tables()["severities"]
 
 # Unit spellings other systems send for the units the contract allows (same unit, no conversion).
 UNIT_SYNONYMS = {
@@ -180,7 +186,7 @@ def _adherence(ctx: MappingContext, a: AdherenceEvent) -> JSON:
         code=concept(ADHERENCE_CODE),
         effective=a.date,
         focus=[ctx.prescription(a.prescription_id)],
-        valueCodeableConcept=concept(coding(SNOMED, code, terminology.tables()["snomed"][code]), text=a.status),
+        valueCodeableConcept=concept(coding(SNOMED, code, terminology.snomed_display(code)), text=a.status),
         method=concept(coding(ADHERENCE_SOURCE, a.source, label(a.source))),
         note=[{"text": a.note}] if a.note else None,
     )
@@ -200,12 +206,12 @@ def _side_effect(ctx: MappingContext, s: SideEffect) -> JSON:
         s.id,
         profile=None,
         categories=THERAPY,
-        code=concept(coding(SNOMED, SIDE_EFFECT_CODE, terminology.tables()["snomed"][SIDE_EFFECT_CODE])),
+        code=concept(coding(SNOMED, SIDE_EFFECT_CODE, terminology.snomed_display(SIDE_EFFECT_CODE))),
         effective=s.date,
         focus=[ctx.prescription(s.prescription_id)],
         valueCodeableConcept=concept(*([coding(SNOMED, s.snomed)] if s.snomed else []), text=s.effect),
         component=[
-            _coded_part("severity", SEVERITY, s.severity, coding(SNOMED, *SEVERITY_SNOMED[s.severity])),
+            _coded_part("severity", SEVERITY, s.severity, table_coding(terminology.severity(s.severity))),
             _coded_part("action-taken", ACTION, s.action_taken),
         ],
     )
@@ -313,7 +319,7 @@ def _claim_members(r: ObservationReader, observations: list[JSON]) -> tuple[dict
     consumed: set[int] = set()
     table = _dispatch()
     for obs in observations:
-        if not items_of(obs.get("hasMember")):
+        if not as_list(obs.get("hasMember")):
             continue
         found = r.members(obs, "hasMember", report_missing=False)
         target = next((table[k][0] for k in code_keys(obs.get("code")) if k in table), None)
@@ -363,8 +369,8 @@ def _adherence_from(r: ObservationReader, obs: JSON, _detail: Any) -> JSON | Non
     status = _adherence_status(r, obs)
     if None in (item_id, day, prescription, status):
         return None
-    source = first_code(obs.get("method"), ADHERENCE_SOURCE)
-    if source not in get_args(AdherenceEvent.model_fields["source"].annotation):
+    source = code_in(obs.get("method"), ADHERENCE_SOURCE)
+    if source not in choices(AdherenceEvent, "source"):
         r.report.warning(
             r.where(obs, "method"), "no adherence source the record knows; self-report assumed (71799-1 is a reported measure)", code="incomplete"
         )
@@ -379,7 +385,7 @@ def _adherence_from(r: ObservationReader, obs: JSON, _detail: Any) -> JSON | Non
 def _adherence_status(r: ObservationReader, obs: JSON) -> str | None:
     by_code = {code: status for status, code in ADHERENCE_VALUES.items()} | ADHERENCE_ALIASES
     value = obs.get("valueCodeableConcept")
-    code = first_code(value, SNOMED)
+    code = code_in(value, SNOMED)
     if code in by_code:
         if code in ADHERENCE_ALIASES:
             r.report.info(r.where(obs, "valueCodeableConcept"), f"SNOMED {code} read as {by_code[code]!r}")
@@ -405,7 +411,7 @@ def _prescription(r: ObservationReader, obs: JSON) -> str | None:
 
 
 def _notes(r: ObservationReader, obs: JSON) -> str | None:
-    texts = [n["text"] for n in items_of(obs.get("note")) if isinstance(n, dict) and isinstance(n.get("text"), str) and n["text"]]
+    texts = note_texts(obs.get("note"))
     if len(texts) > 1:
         r.report.info(r.where(obs, "note"), f"{len(texts)} notes joined into one")
     return "\n\n".join(texts) or None
@@ -424,7 +430,7 @@ def _side_effect_from(r: ObservationReader, obs: JSON, _detail: Any) -> JSON | N
         r.report.warning(r.where(obs, "valueCodeableConcept.text"), "effect text cut to 500 characters", code="too-long")
         effect = effect[:500]
     out: JSON = {"id": item_id, "date": day.isoformat(), "prescription_id": prescription, "effect": effect}
-    snomed = first_code(value, SNOMED)
+    snomed = code_in(value, SNOMED)
     if snomed and snomed.isdigit() and 6 <= len(snomed) <= 18:
         out["snomed"] = snomed
     out["severity"] = parts["severity"]
@@ -436,15 +442,15 @@ def _side_effect_from(r: ObservationReader, obs: JSON, _detail: Any) -> JSON | N
 
 def _side_effect_parts(r: ObservationReader, obs: JSON) -> dict[str, str]:
     """severity and action-taken from our components (severity also as a SNOMED severity qualifier)."""
-    by_snomed = {code: name for name, (code, _display) in SEVERITY_SNOMED.items()}
-    allowed = {"severity": set(SEVERITY_SNOMED), "action-taken": set(get_args(SideEffect.model_fields["action_taken"].annotation))}
+    by_snomed = {spec["code"]: name for name, spec in SEVERITY_SNOMED.items()}
+    allowed = {"severity": choices(SideEffect, "severity"), "action-taken": choices(SideEffect, "action_taken")}
     out: dict[str, str] = {}
-    for component in items_of(obs.get("component")):
+    for component in as_list(obs.get("component")):
         if not isinstance(component, dict):
             continue
-        part = first_code(component.get("code"), SIDE_EFFECT_PARTS)
+        part = code_in(component.get("code"), SIDE_EFFECT_PARTS)
         value = component.get("valueCodeableConcept")
-        found = first_code(value, SEVERITY if part == "severity" else ACTION) or by_snomed.get(first_code(value, SNOMED) or "")
+        found = code_in(value, SEVERITY if part == "severity" else ACTION) or by_snomed.get(code_in(value, SNOMED) or "")
         if part in allowed and found in allowed[part]:
             out.setdefault(part, found)
     if "severity" not in out:
@@ -487,7 +493,7 @@ def _vital_from(r: ObservationReader, obs: JSON, kind: str) -> JSON | None:
         out["value"], out["unit"] = number(found[0]), found[1]
     for part in ("systolic", "diastolic") if kind == "blood-pressure" else ():
         key = (LOINC, spec[part]["code"])
-        component = next((c for c in items_of(obs.get("component")) if isinstance(c, dict) and key in code_keys(c.get("code"))), None)
+        component = next((c for c in as_list(obs.get("component")) if isinstance(c, dict) and key in code_keys(c.get("code"))), None)
         if component is None:
             r.report.error(r.where(obs, "component"), f"no {part} component; left out", code="required")
             return None

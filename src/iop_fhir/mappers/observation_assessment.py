@@ -12,21 +12,29 @@ from __future__ import annotations
 from functools import cache
 from iop_fhir import terminology
 from iop_fhir.mappers.context import MappingContext
-from iop_fhir.mappers.datatypes import coding, concept, fhir_datetime, ucum_quantity
+from iop_fhir.mappers.datatypes import (
+    as_dict,
+    as_list,
+    code_in,
+    code_keys,
+    coding,
+    concept,
+    fhir_datetime,
+    shown_codes,
+    table_coding,
+    ucum_quantity,
+    whole_number,
+)
 from iop_fhir.mappers.observation_common import (
     JSON,
     ObservationReader,
     category,
-    code_keys,
-    first_code,
-    items_of,
     label,
     observation,
-    shown_codes,
 )
 from iop_fhir.record.model import Assessment, AssessmentItem
 from iop_fhir.record.validate import scored_item_count, severity_band
-from iop_fhir.terminology import LOINC, OBSERVATION_INTERPRETATION, US_CORE_CATEGORY, code_system
+from iop_fhir.terminology import LOINC, US_CORE_CATEGORY, code_system
 
 KIND = "assessment"
 PROFILE = "us-core-observation-screening-assessment"
@@ -54,8 +62,9 @@ CSSRS_CODE = coding(INSTRUMENT_SYSTEM, CSSRS, "Columbia-Suicide Severity Rating 
 # (PHQ-9 item 10, AUDIT-C, DAST-10 with its reverse-scored item 3) carry valueInteger.
 ANSWER_LIST = {"PHQ-9": "phq_answers", "PHQ-2": "phq_answers", "GAD-7": "phq_answers", CSSRS: "yes_no_answers"}
 
-# v3 codes for bands that are plain screen results (extensible binding: use them where they fit).
-V3_BANDS = {"positive": ("POS", "Positive"), "negative": ("NEG", "Negative")}
+# v3 interpretation codes for bands that are plain screen results (extensible binding: use
+# them where they fit).
+V3_BANDS = {"positive": "POS", "negative": "NEG"}
 
 
 @cache
@@ -97,7 +106,7 @@ def score_quantity(value: int) -> JSON:
 def band_concept(band: str) -> JSON:
     codings = [coding(BAND_SYSTEM, band, label(band))]
     if band in V3_BANDS:
-        codings.append(coding(OBSERVATION_INTERPRETATION, *V3_BANDS[band]))
+        codings.append(table_coding(terminology.interpretation(V3_BANDS[band])))
     return concept(*codings, text=label(band))
 
 
@@ -145,16 +154,16 @@ def score(holder: JSON, listed: list[JSON] | None) -> int | None:
     value = holder.get("valueInteger")
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    quantity = holder.get("valueQuantity")
-    if isinstance(quantity, dict) and isinstance(quantity.get("value"), (int, float)) and not isinstance(quantity["value"], bool):
-        return int(quantity["value"]) if float(quantity["value"]).is_integer() else None
+    whole = whole_number(as_dict(holder.get("valueQuantity")).get("value"))
+    if whole is not None:
+        return whole
     text = holder.get("valueString")
     if isinstance(text, str) and text.strip().isdigit():
         return int(text.strip())
     if isinstance(holder.get("valueBoolean"), bool) and listed is not None and len(listed) == 2:
         return int(holder["valueBoolean"])  # a yes/no item sent as a boolean
     if listed is not None:
-        loinc = first_code(holder.get("valueCodeableConcept"), LOINC)
+        loinc = code_in(holder.get("valueCodeableConcept"), LOINC)
         for position, answer in enumerate(listed):
             if answer["code"] == loinc:
                 return position
@@ -189,7 +198,7 @@ def _read_part(r: ObservationReader, instrument: str, part: JSON, where: str, pa
         parts.total = score(part, None) if parts.total is None else parts.total
         return
     if spec.get("risk") and spec["risk"]["code"] in codes:
-        parts.band = first_code(part.get("valueCodeableConcept"), BAND_SYSTEM) or parts.band
+        parts.band = code_in(part.get("valueCodeableConcept"), BAND_SYSTEM) or parts.band
         return
     r.report.warning(where, f"not a {instrument} item (code {shown_codes(part.get('code'))}); dropped")
 
@@ -221,7 +230,7 @@ def from_fhir(r: ObservationReader, obs: JSON, instrument: str, members: list[JS
     if item_id is None or date is None:
         return None
     parts = _Parts()
-    for i, component in enumerate(items_of(obs.get("component"))):
+    for i, component in enumerate(as_list(obs.get("component"))):
         if isinstance(component, dict):
             _read_part(r, instrument, component, f"{where}.component[{i}]", parts)
     for member in members:
@@ -255,8 +264,8 @@ def from_fhir(r: ObservationReader, obs: JSON, instrument: str, members: list[JS
 
 
 def _band(r: ObservationReader, obs: JSON, instrument: str, items: list[JSON], total: int, risk_band: str | None) -> str | None:
-    for concept_ in items_of(obs.get("interpretation")):
-        band = first_code(concept_, BAND_SYSTEM)
+    for concept_ in as_list(obs.get("interpretation")):
+        band = code_in(concept_, BAND_SYSTEM)
         if band:
             return band
     if risk_band:

@@ -2,8 +2,9 @@
 
 Forward: one skeleton (id, business identifier, status, category, code, subject, effective)
 so each kind only adds its value parts. Back: ``ObservationReader`` reads the parts every
-kind needs from possibly foreign Observations (codes, effective time, the referenced
-prescription or clinician, the record-local id) and reports what it cannot use.
+kind needs from possibly foreign Observations (status, effective time, the referenced
+prescription or clinician, the record-local id) and reports what it cannot use; codes and
+texts are read with the helpers every family uses (datatypes.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import datetime as dt
 from decimal import Decimal
 from typing import Any
 
-from iop_fhir.mappers.context import LOCAL_ID, MappingContext, ResourceIndex
-from iop_fhir.mappers.context import local_id as _local_id
+from iop_fhir.mappers.context import LOCAL_ID, MappingContext, ResourceIndex, local_id, reference_text
 from iop_fhir.mappers.datatypes import (
-    codings_of,
+    as_list,
     concept,
     coding,
     drop_empty,
@@ -24,6 +24,7 @@ from iop_fhir.mappers.datatypes import (
     parse_date,
     parse_datetime,
     to_decimal,
+    where,
 )
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.terminology import OBSERVATION_CATEGORY, us_core
@@ -88,47 +89,6 @@ def observation(
     return drop_empty(resource)
 
 
-def code_keys(value: Any) -> list[tuple[str, str]]:
-    """(system, code) of every well-formed coding of a CodeableConcept; odd shapes give []."""
-    if not isinstance(value, dict):
-        return []
-    codings = value.get("coding")
-    if not isinstance(codings, list):
-        return []
-    return [
-        (c["system"], c["code"])
-        for c in codings
-        if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)
-    ]
-
-
-def shown_codes(value: Any) -> str:
-    """The codes of a CodeableConcept as ``system|code`` for messages."""
-    return ", ".join(f"{system}|{code}" for system, code in code_keys(value)) or "none"
-
-
-def first_code(value: Any, system: str) -> str | None:
-    return next((code for sys, code in code_keys(value) if sys == system), None)
-
-
-def concept_text(value: Any) -> str | None:
-    """The words of a CodeableConcept: its text, else the first coding display."""
-    if not isinstance(value, dict):
-        return None
-    # Unstripped: the record keeps text exactly as given.
-    if isinstance(value.get("text"), str) and value["text"].strip():
-        return value["text"]
-    for c in codings_of(value) if isinstance(value.get("coding"), list) else []:
-        if isinstance(c, dict) and isinstance(c.get("display"), str) and c["display"].strip():
-            return c["display"]
-    return None
-
-
-def items_of(value: Any) -> list[Any]:
-    """A FHIR list element, or [] when absent or not a list (foreign data may be malformed)."""
-    return value if isinstance(value, list) else []
-
-
 def contract_amount(value: Any, where: str, report: MappingReport) -> Decimal | None:
     """A FHIR decimal as a contract amount (>= 0, 4 decimal places), reporting what does not fit."""
     amount = to_decimal(value)
@@ -145,18 +105,6 @@ def contract_amount(value: Any, where: str, report: MappingReport) -> Decimal | 
     return amount
 
 
-def local_id(resource: JSON, kind: str, report: MappingReport, *, shared: bool = False) -> str | None:
-    """context.local_id over a copy keeping only well-formed identifiers (foreign data may hold garbage)."""
-    idents = [
-        i for i in items_of(resource.get("identifier"))
-        if isinstance(i, dict) and isinstance(i.get("system", ""), str) and isinstance(i.get("value"), str)
-    ]
-    clean = {"resourceType": resource.get("resourceType"), "identifier": idents}
-    if isinstance(resource.get("id"), str):
-        clean["id"] = resource["id"]
-    return _local_id(clean, kind, report, shared=shared)
-
-
 class ObservationReader:
     """Reads the parts all Observation kinds share, reporting against one resource's location."""
 
@@ -166,12 +114,8 @@ class ObservationReader:
         self.report = report
         self._full_urls: dict[int, str] | None = None
 
-    @staticmethod
-    def where(resource: JSON, element: str | None = None) -> str:
-        rid = resource.get("id")
-        rtype = str(resource.get("resourceType", "Observation"))
-        base = f"{rtype}/{rid}" if isinstance(rid, str) else rtype
-        return f"{base}.{element}" if element else base
+    # Report locations as every family writes them.
+    where = staticmethod(where)
 
     def has_result(self, resource: JSON) -> bool:
         """False for Observations that hold no result (entered in error, cancelled): reported, skipped."""
@@ -240,10 +184,7 @@ class ObservationReader:
 
     def resolve(self, reference: Any, holder: JSON) -> JSON | None:
         """The resource a Reference names, if present; malformed references resolve to nothing."""
-        if not isinstance(reference, dict) or not isinstance(reference.get("reference"), str):
-            return None
-        target = self.index.resolve(reference, holder)
-        return target if isinstance(target, dict) else None
+        return self.index.resolve(reference_text(reference), holder)
 
     def target_id(self, reference: Any, holder: JSON, where: str, kinds: dict[str, str], *, shared: bool) -> str | None:
         """Local id of the resource a reference names, when it is one of ``kinds`` (type -> identifier kind)."""
@@ -260,7 +201,7 @@ class ObservationReader:
     def members(self, holder: JSON, element: str, *, report_missing: bool) -> list[JSON]:
         """The Observations a panel's hasMember (or a report's result) names, in order."""
         out = []
-        for i, ref in enumerate(items_of(holder.get(element))):
+        for i, ref in enumerate(as_list(holder.get(element))):
             target = self.resolve(ref, holder)
             if target is not None and target.get("resourceType") == "Observation":
                 out.append(target)
@@ -271,7 +212,7 @@ class ObservationReader:
     def prescription_id(self, resource: JSON) -> str | None:
         """The prescription an Observation is about: focus (ours), else basedOn (what some systems use)."""
         for element in ("focus", "basedOn"):
-            for i, ref in enumerate(items_of(resource.get(element))):
+            for i, ref in enumerate(as_list(resource.get(element))):
                 target = self.resolve(ref, resource)
                 if target is not None and target.get("resourceType") == "MedicationRequest":
                     if element == "basedOn":
@@ -282,7 +223,7 @@ class ObservationReader:
     def clinician_id(self, resource: JSON) -> str | None:
         """The first performer that is one of the program's clinicians (Practitioner or PractitionerRole)."""
         found: str | None = None
-        for i, ref in enumerate(items_of(resource.get("performer"))):
+        for i, ref in enumerate(as_list(resource.get("performer"))):
             where = self.where(resource, f"performer[{i}]")
             if found is not None:
                 self.report.warning(where, "the record names one performer; further performers dropped")

@@ -12,20 +12,29 @@ import datetime as dt
 from functools import cache
 from iop_fhir import terminology
 from iop_fhir.mappers.context import MappingContext
-from iop_fhir.mappers.datatypes import coding, concept, extension, fhir_datetime, parse_date
+from iop_fhir.mappers.datatypes import (
+    as_dict,
+    as_list,
+    code_in,
+    code_keys,
+    coding,
+    concept,
+    concept_text,
+    extension,
+    fhir_datetime,
+    own_extensions,
+    parse_date,
+    shown_codes,
+    table_coding,
+)
 from iop_fhir.mappers.observation_common import (
     JSON,
     ObservationReader,
     category,
-    code_keys,
-    concept_text,
-    first_code,
-    items_of,
     observation,
-    shown_codes,
 )
 from iop_fhir.record.model import DrugScreen, DrugScreenResult
-from iop_fhir.terminology import LOINC, OBSERVATION_INTERPRETATION, SNOMED, extension_url
+from iop_fhir.terminology import LOINC, OBSERVATION_INTERPRETATION, SNOMED
 
 KIND = "drug-screen"
 RESULT_KIND = "drug-screen-result"
@@ -34,13 +43,8 @@ CATEGORIES = [category("laboratory", "Laboratory")]
 EXPECTED_EXTENSION = "drug-screen-expected"
 UNEXPECTED_NOTE = "Unexpected result given current prescriptions"
 
-# Result -> (SNOMED qualifier value, display, v3 interpretation code, display).
-RESULTS: dict[str, tuple[str, str, str, str]] = {
-    "positive": ("10828004", "Positive (qualifier value)", "POS", "Positive"),
-    "negative": ("260385009", "Negative (qualifier value)", "NEG", "Negative"),
-    "inconclusive": ("419984006", "Inconclusive (qualifier value)", "IND", "Indeterminate"),
-}
-BY_SNOMED = {snomed: result for result, (snomed, *_rest) in RESULTS.items()}
+# Result -> its SNOMED CT qualifier value and v3 interpretation code (terminology.screen_result).
+BY_SNOMED = {spec["code"]: result for result, spec in terminology.tables()["screen_results"].items()}
 # v3 interpretation codes labs use for presence tests (DET/ND: detected, not detected).
 BY_INTERPRETATION = {"POS": "positive", "DET": "positive", "NEG": "negative", "ND": "negative", "IND": "inconclusive"}
 # Words foreign systems put in valueString or a coding's text/display.
@@ -59,7 +63,7 @@ def result_id(screen: DrugScreen, result: DrugScreenResult) -> str:
 
 
 def _result(ctx: MappingContext, screen: DrugScreen, result: DrugScreenResult) -> JSON:
-    snomed, snomed_display, v3, v3_display = RESULTS[result.result]
+    value = terminology.screen_result(result.result)
     analyte = terminology.tables()["drug_screen_analytes"][result.analyte][screen.method]
     return observation(
         ctx,
@@ -71,8 +75,8 @@ def _result(ctx: MappingContext, screen: DrugScreen, result: DrugScreenResult) -
         effective=screen.collected,
         # R4 has no element for "expected given the prescriptions": an extension.
         extension=[extension(EXPECTED_EXTENSION, valueBoolean=result.expected)],
-        valueCodeableConcept=concept(coding(SNOMED, snomed, snomed_display), text=result.result),
-        interpretation=[concept(coding(OBSERVATION_INTERPRETATION, v3, v3_display))],
+        valueCodeableConcept=concept(table_coding(value), text=result.result),
+        interpretation=[concept(table_coding(terminology.interpretation(value["interpretation"])))],
         note=None if result.expected else [{"text": UNEXPECTED_NOTE}],
     )
 
@@ -121,11 +125,11 @@ def analyte_of(resource: JSON) -> tuple[str, str] | None:
 
 def _read_result(r: ObservationReader, obs: JSON) -> str | None:
     value = obs.get("valueCodeableConcept")
-    found = BY_SNOMED.get(first_code(value, SNOMED) or "")
+    found = BY_SNOMED.get(code_in(value, SNOMED) or "")
     if found:
         return found
-    for i, interpretation in enumerate(items_of(obs.get("interpretation"))):
-        found = BY_INTERPRETATION.get(first_code(interpretation, OBSERVATION_INTERPRETATION) or "")
+    for i, interpretation in enumerate(as_list(obs.get("interpretation"))):
+        found = BY_INTERPRETATION.get(code_in(interpretation, OBSERVATION_INTERPRETATION) or "")
         if found:
             r.report.info(r.where(obs, f"interpretation[{i}]"), f"result {found!r} read from the interpretation")
             return found
@@ -140,7 +144,7 @@ def _read_result(r: ObservationReader, obs: JSON) -> str | None:
 
 def _active_ingredients(draft: JSON, day: dt.date) -> set[str]:
     out: set[str] = set()
-    for p in items_of(draft.get("prescriptions")):
+    for p in as_list(draft.get("prescriptions")):
         if not isinstance(p, dict) or str(p.get("status")) in NOT_TAKEN:
             continue
         medication = p.get("medication")
@@ -153,9 +157,9 @@ def _active_ingredients(draft: JSON, day: dt.date) -> set[str]:
 
 
 def _expected(r: ObservationReader, obs: JSON, analyte: str, result: str, day: dt.date) -> bool:
-    for ext in items_of(obs.get("extension")):
-        if isinstance(ext, dict) and ext.get("url") == extension_url(EXPECTED_EXTENSION) and isinstance(ext.get("valueBoolean"), bool):
-            return ext["valueBoolean"]
+    said = as_dict(own_extensions(obs).get(EXPECTED_EXTENSION)).get("valueBoolean")
+    if isinstance(said, bool):
+        return said
     # Not said: expected when presence matches what the prescriptions active that day explain;
     # an inconclusive result is never expected (it needs a repeat or confirmation).
     prescribed = bool(set(terminology.tables()["drug_screen_analytes"][analyte]["ingredients"]) & _active_ingredients(r.draft, day))

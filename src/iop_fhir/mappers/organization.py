@@ -51,27 +51,22 @@ from typing import Any
 
 from iop_fhir import terminology
 from iop_fhir.mappers import care_team
-from iop_fhir.mappers.context import MappingContext, ResourceIndex, identifier_base, local_id
+from iop_fhir.mappers.context import MappingContext, ResourceIndex, identifier_base, identifier_kind, local_id, reference_text
 from iop_fhir.mappers.datatypes import (
     address,
     address_from_fhir,
-    addresses_in,
-    as_dict,
-    as_list,
-    code_in,
+    code_in_any,
     coding,
     concept,
     contact_from_fhir,
     drop_empty,
     extension,
-    identifier_kind,
     identifier_values,
+    identifiers_in,
     names_in,
     nonblank,
     own_extensions,
     read_each,
-    readable_ids,
-    reference_text,
     settle,
     strings,
     telecom,
@@ -92,16 +87,8 @@ OUR_KINDS = (PROGRAM_KIND, PHARMACY_KIND, PROVIDER_KIND)
 LEVEL_OF_CARE = terminology.code_system("level-of-care")
 PROGRAM_FOCUS = terminology.code_system("program-focus")
 PHARMACY_TYPE = terminology.code_system("pharmacy-kind")
-ORGANIZATION_TYPE = "http://terminology.hl7.org/CodeSystem/organization-type"
-HEALTHCARE_PROVIDER = coding(ORGANIZATION_TYPE, "prov", "Healthcare Provider")
+HEALTHCARE_PROVIDER = coding(terminology.ORGANIZATION_TYPE, "prov", "Healthcare Provider")
 
-LEVEL_DISPLAY = {
-    "IOP": "Intensive outpatient program",
-    "virtual-IOP": "Virtual intensive outpatient program",
-    "hybrid-IOP": "Hybrid (in person and virtual) intensive outpatient program",
-    "PHP": "Partial hospitalization program",
-    "OP": "Outpatient program",
-}
 FOCUS_DISPLAY = {
     "mental-health": "Mental health",
     "substance-use": "Substance use disorders",
@@ -154,7 +141,7 @@ def program_organization(ctx: MappingContext) -> JSON:
             "active": True,
             "type": [
                 concept(HEALTHCARE_PROVIDER),
-                concept(coding(LEVEL_OF_CARE, level, LEVEL_DISPLAY[level])),
+                concept(coding(LEVEL_OF_CARE, level, terminology.level_of_care(level))),
                 concept(coding(PROGRAM_FOCUS, focus, FOCUS_DISPLAY[focus])),
             ],
             "name": program.name,
@@ -255,7 +242,7 @@ def party_kind(resource: JSON, managing: set[int]) -> str:
         return kind
     if resource.get("resourceType") == "Practitioner":
         return PROVIDER_KIND
-    if _ncpdp_ids(resource) or any(code_in(as_dict(t), PHARMACY_TYPE) for t in as_list(resource.get("type"))):
+    if _ncpdp_ids(resource) or code_in_any(resource.get("type"), PHARMACY_TYPE):
         return PHARMACY_KIND
     return PROGRAM_KIND if id(resource) in managing else PROVIDER_KIND
 
@@ -278,28 +265,23 @@ def _ncpdp_ids(resource: JSON) -> list[str]:
         return ours
     return [
         i["value"]
-        for i in readable_ids(resource)["identifier"]
+        for i in identifiers_in(resource.get("identifier"))
         if "ncpdp" in i.get("system", "").lower() and isinstance(i.get("value"), str) and i["value"].isdigit()
     ]
 
 
 def _contact_parts(resource: JSON) -> JSON:
     """address and contact of a party resource as contract data (absent parts are None)."""
-    return {"address": address_from_fhir(addresses_in(resource.get("address"))), "contact": contact_from_fhir([as_dict(t) for t in as_list(resource.get("telecom"))])}
-
-
-def _type_code(resource: JSON, system: str) -> str | None:
-    return next((c for t in as_list(resource.get("type")) if (c := code_in(as_dict(t), system))), None)
+    return {"address": address_from_fhir(resource.get("address")), "contact": contact_from_fhir(resource.get("telecom"))}
 
 
 def _program(resource: JSON, report: MappingReport) -> JSON | None:
     loc = where(resource)
-    readable = readable_ids(resource)
-    program_id = local_id(readable, PROGRAM_KIND, report, shared=True)
+    program_id = local_id(resource, PROGRAM_KIND, report, shared=True)
     npis = identifier_values(resource, terminology.NPI)
     others = [
         {"system": i["system"], "value": i["value"]}
-        for i in readable["identifier"]
+        for i in identifiers_in(resource.get("identifier"))
         if i.get("system") and i.get("value") and i["system"] != terminology.NPI and identifier_kind({"identifier": [i]}, OUR_KINDS) is None
     ]
     others += [{"system": terminology.NPI, "value": v} for v in npis[1:]]
@@ -307,11 +289,11 @@ def _program(resource: JSON, report: MappingReport) -> JSON | None:
     item = {
         "id": program_id,
         "name": nonblank(resource.get("name")),
-        "level_of_care": _type_code(resource, LEVEL_OF_CARE),
-        "focus": _type_code(resource, PROGRAM_FOCUS),
+        "level_of_care": code_in_any(resource.get("type"), LEVEL_OF_CARE),
+        "focus": code_in_any(resource.get("type"), PROGRAM_FOCUS),
         "npi": npis[0] if npis else None,
         "identifiers": others,
-        "identifier_system": _identifier_system(readable, own, program_id),
+        "identifier_system": _identifier_system(resource, own, program_id),
         **_contact_parts(resource),
     }
     if item["level_of_care"] is None:
@@ -321,11 +303,11 @@ def _program(resource: JSON, report: MappingReport) -> JSON | None:
     return settle(Program, drop_empty(item), report, loc)
 
 
-def _identifier_system(readable: JSON, own: dict[str, JSON], program_id: str | None) -> str | None:
+def _identifier_system(resource: JSON, own: dict[str, JSON], program_id: str | None) -> str | None:
     exact = own.get("identifier-system", {}).get("valueUri")
     if isinstance(exact, str):
         return exact
-    base = identifier_base(readable, PROGRAM_KIND)
+    base = identifier_base(resource, PROGRAM_KIND)
     if base is None or program_id is None or base == default_system_base(program_id):
         return None
     return base
@@ -340,12 +322,12 @@ def _pharmacy(resource: JSON, report: MappingReport) -> JSON | None:
         report.error(f"{loc}.identifier", "pharmacy without an NCPDP Provider ID; the contract requires one", code="required")
         return None
     own_extensions(resource, report, loc)
-    kind = _type_code(resource, PHARMACY_TYPE)
+    kind = code_in_any(resource.get("type"), PHARMACY_TYPE)
     if kind is None:
         report.info(f"{loc}.type", "no pharmacy kind coded; the contract default (retail) applies")
     npis = identifier_values(resource, terminology.NPI)
     item = {
-        "id": local_id(readable_ids(resource), PHARMACY_KIND, report, shared=True),
+        "id": local_id(resource, PHARMACY_KIND, report, shared=True),
         "name": nonblank(resource.get("name")),
         "ncpdp_id": ncpdp[0],
         "npi": npis[0] if npis else None,
@@ -361,7 +343,7 @@ def _provider(resource: JSON, report: MappingReport) -> JSON | None:
     is_person = resource.get("resourceType") == "Practitioner"
     npis = identifier_values(resource, terminology.NPI)
     item = {
-        "id": local_id(readable_ids(resource), PROVIDER_KIND, report, shared=True),
+        "id": local_id(resource, PROVIDER_KIND, report, shared=True),
         "kind": "practitioner" if is_person else "organization",
         "name": _person_name(resource) if is_person else nonblank(resource.get("name")),
         "npi": npis[0] if npis else None,

@@ -29,19 +29,18 @@ from iop_fhir.mappers.context import MappingContext, ResourceIndex
 from iop_fhir.mappers.datatypes import (
     address,
     address_from_fhir,
-    addresses_in,
     as_dict,
     as_list,
     choices,
     code_in,
     coding,
     concept,
+    concept_text,
     contact_from_fhir,
     drop_empty,
     fhir_date,
     human_name,
     name_from_fhir,
-    names_in,
     nonblank,
     own_extensions,
     parse_date,
@@ -113,7 +112,7 @@ def _client(resource: JSON, report: MappingReport) -> JSON | None:
     if unknown_modifiers(resource, report):
         return None
     mrn = _mrn(resource, loc, report)
-    name = name_from_fhir(names_in(resource.get("name")))
+    name = name_from_fhir(resource.get("name"))
     birth_date = parse_date(resource.get("birthDate"))
     gender = resource.get("gender")
     missing = []
@@ -137,8 +136,8 @@ def _client(resource: JSON, report: MappingReport) -> JSON | None:
         "birth_date": fhir_date(birth_date),
         "sex": gender,
         "gender_identity": _gender_identity(resource),
-        "contact": contact_from_fhir([as_dict(t) for t in as_list(resource.get("telecom"))]),
-        "address": address_from_fhir(addresses_in(resource.get("address"))),
+        "contact": contact_from_fhir(resource.get("telecom")),
+        "address": address_from_fhir(resource.get("address")),
     }
     return settle(Client, drop_empty(item), report, loc)
 
@@ -150,7 +149,7 @@ def _mrn(resource: JSON, location: str, report: MappingReport) -> str | None:
         if isinstance(system, str) and system.endswith(f"/{KIND}"):
             return ident["value"]
     for i, ident in enumerate(identifiers):
-        if code_in(as_dict(ident.get("type")), terminology.V2_IDENTIFIER_TYPE) == "MR":
+        if code_in(ident.get("type"), terminology.V2_IDENTIFIER_TYPE) == "MR":
             report.info(f"{location}.identifier", f"MRN taken from the MR-typed identifier {_label(ident)}")
             return ident["value"]
     if identifiers:
@@ -168,9 +167,7 @@ def _gender_identity(resource: JSON) -> str | None:
     for ext in as_list(resource.get("extension")):
         ext = as_dict(ext)
         if ext.get("url") == GENDER_IDENTITY:
-            value = as_dict(ext.get("valueCodeableConcept"))
-            first = as_dict(next(iter(as_list(value.get("coding"))), None))
-            return nonblank(value.get("text")) or nonblank(first.get("display")) or nonblank(first.get("code"))
+            return concept_text(ext.get("valueCodeableConcept"), codes=True)
     return None
 
 

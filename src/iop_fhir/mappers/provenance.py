@@ -41,7 +41,6 @@ from iop_fhir.record.model import IopRecord, Period
 JSON = dict[str, Any]
 
 KIND = "provenance"
-US_CORE_PARTICIPANT = "http://hl7.org/fhir/us/core/CodeSystem/us-core-provenance-participant-type"
 # Contract fields that name a day still to come, not one something happened on.
 LOOKING_AHEAD = frozenset({"planned_end", "end", "due", "first_follow_up"})
 
@@ -60,7 +59,7 @@ def to_fhir(ctx: MappingContext, resources: list[JSON]) -> list[JSON]:
             "recorded": fhir_datetime(as_of(record)),
             "agent": [
                 {"type": concept(coding(terminology.PROVENANCE_PARTICIPANT, "author", "Author")), "who": ctx.organization},
-                {"type": concept(coding(US_CORE_PARTICIPANT, "transmitter", "Transmitter")), "who": ctx.organization},
+                {"type": concept(coding(terminology.US_CORE_PROVENANCE_PARTICIPANT, "transmitter", "Transmitter")), "who": ctx.organization},
             ],
         }
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from iop_fhir.errors import Issue
+from iop_fhir.errors import Issue, operation_outcome
 
 
 @dataclass
@@ -37,13 +37,4 @@ class MappingReport:
 
     def to_operation_outcome(self) -> dict[str, Any]:
         """The report as a FHIR OperationOutcome (an empty report says so with one information issue)."""
-        issues = [
-            {
-                "severity": i.severity,
-                "code": i.code,
-                "diagnostics": i.message,
-                **({"expression": [i.location]} if i.location else {}),
-            }
-            for i in self.issues
-        ] or [{"severity": "information", "code": "informational", "diagnostics": "mapped without loss"}]
-        return {"resourceType": "OperationOutcome", "issue": issues}
+        return operation_outcome(self.issues, default="mapped without loss")

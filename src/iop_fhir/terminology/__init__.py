@@ -1,8 +1,9 @@
 """Code systems, profiles and the curated code tables the contract and the mappers share.
 
 The tables live in ``codes.json`` beside this module (data, not if-chains) and are read
-once on first use. Facts in it come from ``shared/reference/codes.json``; match on codes,
-never on displays, because RxNorm and LOINC displays drift between releases.
+once on first use. Facts in it come from ``shared/reference/codes.json``, except entries that
+say their own ``verification`` and ``source`` (routes, NUCC roles, screen results, ...);
+match on codes, never on displays, because RxNorm and LOINC displays drift between releases.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-st
 CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 DIAGNOSIS_ROLE = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
 PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+# HL7 code systems the mappers write or read that the reference lists do not cover (canonical
+# URLs as HL7 Terminology, FHIR R4 and US Core publish them).
+GOAL_ACHIEVEMENT = "http://terminology.hl7.org/CodeSystem/goal-achievement"
+ORGANIZATION_TYPE = "http://terminology.hl7.org/CodeSystem/organization-type"
+CONSENT_POLICY = "http://terminology.hl7.org/CodeSystem/consentpolicycodes"
+V3_ROUTE = "http://terminology.hl7.org/CodeSystem/v3-RouteOfAdministration"
+V3_TIMING_ABBREVIATION = "http://terminology.hl7.org/CodeSystem/v3-GTSAbbreviation"
+V3_SUBSTITUTION = "http://terminology.hl7.org/CodeSystem/v3-substanceAdminSubstitution"
+US_CORE_PROVENANCE_PARTICIPANT = "http://hl7.org/fhir/us/core/CodeSystem/us-core-provenance-participant-type"
 
 # The project's own canonical base: extensions, code systems and default identifier systems
 # for concepts no public code system has (review actions, attendance, data categories, ...).
@@ -88,8 +98,49 @@ def icd10_display(code: str) -> str | None:
     return tables()["icd10cm"].get(code)
 
 
+def snomed_display(code: str) -> str:
+    """Display of a SNOMED CT concept the mappers send (the ``snomed`` table)."""
+    return tables()["snomed"][code]
+
+
 def instrument(name: str) -> dict[str, Any]:
     return tables()["instruments"][name]
+
+
+def route(name: str) -> dict[str, Any]:
+    """The SNOMED CT coding (system, code, display) of a contract route: ``oral`` -> 26643006."""
+    return tables()["routes"][name]
+
+
+def care_team_role(role: str) -> dict[str, Any]:
+    """The NUCC taxonomy coding sent for a contract care-team role (system, code, display)."""
+    return tables()["care_team_roles"][role]
+
+
+def nucc_roles() -> dict[str, str]:
+    """NUCC taxonomy code -> contract care-team role: the codes sent, then their synonyms."""
+    sent = {spec["code"]: role for role, spec in tables()["care_team_roles"].items()}
+    return sent | {code: spec["role"] for code, spec in tables()["nucc_role_synonyms"].items()}
+
+
+def screen_result(result: str) -> dict[str, Any]:
+    """SNOMED CT qualifier value of a drug-screen result, with its v3 interpretation code."""
+    return tables()["screen_results"][result]
+
+
+def interpretation(code: str) -> dict[str, Any]:
+    """A v3-ObservationInterpretation coding (system, code, display): ``POS``, ``NEG``, ``IND``."""
+    return tables()["observation_interpretations"][code]
+
+
+def severity(name: str) -> dict[str, Any]:
+    """The SNOMED CT severity qualifier of ``mild``, ``moderate`` or ``severe``."""
+    return tables()["severities"][name]
+
+
+def level_of_care(code: str) -> str:
+    """Display of a code of the project's level-of-care code system (programs and aftercare)."""
+    return tables()["levels_of_care"][code]
 
 
 def is_substance_use_diagnosis(icd10: str) -> bool:

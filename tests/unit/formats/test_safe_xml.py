@@ -283,3 +283,20 @@ def test_no_module_but_safe_xml_parses_xml():
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 offenders += [f"{path.relative_to(package)}:{node.lineno} import {n}" for n in names if n.startswith(_PARSER_MODULES)]
     assert offenders == [], "XML must be parsed through formats/safe_xml.py only"
+
+
+def test_a_run_of_processing_instructions_cannot_hang_the_prolog_scan():
+    # A regular-expression scan backtracked exponentially on this shape (30 PIs took minutes);
+    # the linear scan gets through 5,000 at once.
+    from iop_fhir.formats.safe_xml import parse
+
+    assert parse(b"<?a ?>" * 5000 + b"<root/>").tag == "root"
+
+
+def test_doctype_behind_processing_instructions_and_comments_is_refused():
+    import pytest
+
+    from iop_fhir.formats.safe_xml import XmlRejected, parse
+
+    with pytest.raises(XmlRejected):
+        parse(b"<?xml version='1.0'?><?a b?><!-- c --><!DOCTYPE r [<!ENTITY e 'x'>]><r>&e;</r>")

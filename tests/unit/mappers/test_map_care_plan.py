@@ -299,7 +299,7 @@ def foreign_goal(goal_id: str, **changes: Any) -> JSON:
         "resourceType": "Goal",
         "id": goal_id,
         "lifecycleStatus": "accepted",
-        "achievementStatus": {"coding": [{"system": care_plan.GOAL_ACHIEVEMENT, "code": "sustaining"}]},
+        "achievementStatus": {"coding": [{"system": terminology.GOAL_ACHIEVEMENT, "code": "sustaining"}]},
         "description": {"coding": [{"system": terminology.SNOMED, "code": "1", "display": "Abstinence from alcohol"}]},
         "subject": {"reference": "Patient/p1"},
         "target": [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_map_organization import CONTACTS, DEAS, HUMAN_NAMES, LOCAL_IDS, NPIS, SETTINGS, assert_lossless, reverse, with_parts
+from strategies import CONTACTS, DEAS, HUMAN_NAMES, LOCAL_IDS, NPIS, SETTINGS, assert_lossless, reverse, with_parts
 
 from iop_fhir import terminology
 from iop_fhir.formats.fhir_validate import validate_resource

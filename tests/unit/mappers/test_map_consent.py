@@ -8,7 +8,7 @@ import datetime as dt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_map_organization import LOCAL_IDS, SETTINGS, assert_lossless, reverse, with_parts
+from strategies import LOCAL_IDS, SETTINGS, assert_lossless, reverse, with_parts
 
 from iop_fhir import terminology
 from iop_fhir.formats.fhir_validate import validate_resource

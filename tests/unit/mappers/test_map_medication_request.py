@@ -343,8 +343,8 @@ def foreign_order(**changes: Any) -> JSON:
         "reasonCode": [{"coding": [{"system": terminology.ICD10CM, "code": "F11.20"}]}],
         "dosageInstruction": [{
             "patientInstruction": "Place one film under the tongue twice a day",
-            "timing": {"code": {"coding": [{"system": mr.TIMING_ABBREVIATION, "code": "BID"}]}},
-            "route": {"coding": [{"system": mr.V3_ROUTE, "code": "SL"}]},
+            "timing": {"code": {"coding": [{"system": terminology.V3_TIMING_ABBREVIATION, "code": "BID"}]}},
+            "route": {"coding": [{"system": terminology.V3_ROUTE, "code": "SL"}]},
             "doseAndRate": [{"doseQuantity": {"value": 1, "unit": "film"}}],
         }],
         "dispenseRequest": {"quantity": {"value": 28, "unit": "films"}},
@@ -381,7 +381,7 @@ def test_foreign_plan_absolute_and_logical_references() -> None:
         reasonReference=[{"reference": f"{OTHER}/Condition/cond-9/_history/2"}],
         medicationCodeableConcept={"coding": [{"system": terminology.RXNORM, "code": "312941", "display": "Sertraline 50mg tab"}]},
         category=[{"coding": [{"system": terminology.MEDREQ_CATEGORY, "code": "discharge"}]}],
-        substitution={"allowedCodeableConcept": {"coding": [{"system": mr.SUBSTITUTION, "code": "N"}]}},
+        substitution={"allowedCodeableConcept": {"coding": [{"system": terminology.V3_SUBSTITUTION, "code": "N"}]}},
     )
     del order["medicationReference"]
     draft, report = reverse(foreign_parties() + [order])

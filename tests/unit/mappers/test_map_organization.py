@@ -1,81 +1,23 @@
 """Program, pharmacies and outside providers <-> Organization / Practitioner.
 
-The party strategies at the top (names, addresses, contacts, NPIs) serve the other party
-tests too (test_map_patient, test_map_care_team, test_map_consent import them).
+The party strategies (names, addresses, contacts, NPIs) and the round-trip helpers the party
+tests share live in tests/strategies.py.
 """
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from strategies import TEXT
+from strategies import LOCAL_IDS, NPIS, PLACES, SETTINGS, TEXT, assert_lossless, reverse, with_parts
 
 from iop_fhir import terminology
 from iop_fhir.formats.fhir_validate import validate_resource
 from iop_fhir.mappers import organization
-from iop_fhir.mappers.context import MappingContext, ResourceIndex
+from iop_fhir.mappers.context import MappingContext
 from iop_fhir.mappers.datatypes import choices
 from iop_fhir.mappers.ids import default_system_base
-from iop_fhir.mappers.report import MappingReport
-from iop_fhir.record import IopRecord, validate_record
 from iop_fhir.record.model import Pharmacy, Program, Provider
-from iop_fhir.record.validate import dea_is_valid, npi_is_valid
-
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-BASE_PARTS = ("version", "id", "program", "client", "enrolment")
-
-# --- strategies for parties ------------------------------------------------------------------
-
-LOCAL_IDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9\-.]{0,20}", fullmatch=True)
-NPIS = st.integers(0, 999_999_999).map(lambda n: next(f"{n:09d}{d}" for d in range(10) if npi_is_valid(f"{n:09d}{d}")))
-DEAS = st.tuples(st.from_regex(r"[A-Z]{2}", fullmatch=True), st.integers(0, 999_999)).map(
-    lambda t: next(f"{t[0]}{t[1]:06d}{d}" for d in range(10) if dea_is_valid(f"{t[0]}{t[1]:06d}{d}"))
-)
-PHONES = st.from_regex(r"\+?[0-9][0-9 ()\-.]{5,17}[0-9]", fullmatch=True)
-EMAILS = st.builds("{}@{}.example".format, st.from_regex(r"[a-z0-9._]{1,12}", fullmatch=True), st.from_regex(r"[a-z]{1,12}", fullmatch=True))
-# An empty contact ({}) is left out: it maps to no telecom and so reads back as no contact.
-CONTACTS = st.fixed_dictionaries({}, optional={"phone": PHONES, "email": EMAILS}).filter(bool)
-ADDRESSES = st.fixed_dictionaries(
-    {
-        "lines": st.lists(TEXT, min_size=1, max_size=4),
-        "city": TEXT,
-        "state": st.from_regex(r"[A-Z]{2}", fullmatch=True),
-        "postal_code": st.from_regex(r"[0-9]{5}(-[0-9]{4})?", fullmatch=True),
-    },
-    optional={"country": st.from_regex(r"[A-Z]{2}", fullmatch=True)},
-)
-HUMAN_NAMES = st.fixed_dictionaries(
-    {"family": TEXT, "given": st.lists(TEXT, min_size=1, max_size=5)}, optional={"prefix": TEXT, "suffix": TEXT}
-)
-PLACES = {"address": ADDRESSES, "contact": CONTACTS}
-
-
-def with_parts(example_json: dict, **parts: object) -> IopRecord:
-    """A valid record: the example's program, client and enrolment, plus ``parts``."""
-    return validate_record({**{k: example_json[k] for k in BASE_PARTS}, **parts})
-
-
-def reverse(resources: list[dict], *families: object) -> tuple[dict, MappingReport]:
-    draft, report, index = {}, MappingReport(), ResourceIndex.build(resources)
-    for family in families:
-        family.from_fhir(index, draft, report)
-    return draft, report
-
-
-def assert_lossless(record: IopRecord, families: tuple, **parts: type) -> None:
-    """Map ``record`` with ``families``: every resource is valid R4 and, read back without a
-    single issue, each named part (``field=ContractModel``) equals the record's."""
-    ctx = MappingContext(record)
-    resources = [r for family in families for r in family.to_fhir(ctx)]
-    for resource in resources:
-        assert validate_resource(resource) == [], resource
-    draft, report = reverse(resources, *families)
-    assert report.issues == []
-    for field, model in parts.items():
-        value = getattr(record, field)
-        back = [model.model_validate(x) for x in draft[field]] if isinstance(value, list) else model.model_validate(draft[field])
-        assert back == value, field
 
 
 @st.composite

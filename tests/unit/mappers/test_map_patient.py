@@ -7,8 +7,7 @@ import datetime as dt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import TEXT
-from test_map_organization import ADDRESSES, CONTACTS, HUMAN_NAMES, SETTINGS, assert_lossless, reverse, with_parts
+from strategies import ADDRESSES, CONTACTS, HUMAN_NAMES, SETTINGS, TEXT, assert_lossless, reverse, with_parts
 
 from iop_fhir import terminology
 from iop_fhir.formats.fhir_validate import validate_resource

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from test_map_organization import reverse, with_parts
+from strategies import reverse, with_parts
 
 from iop_fhir import terminology
 from iop_fhir.formats.fhir_validate import validate_resource

@@ -1,0 +1,346 @@
+"""Benchmark: the gateway over HTTP (read-by-id, search by patient, create) beside its floor.
+
+Prints figures; asserts nothing (timings do not belong in tests). Everything runs on
+127.0.0.1, bounded in time, and stops itself.
+
+* Setup: a generated cohort loaded into a fresh SQLite file through the gateway's own loading
+  path (``iop_fhir.serve.load_records``: ``POST /iop/records``).
+* Servers: the gateway (``iop_fhir.serve.build_app``, auth off unless ``--auth``) and the
+  floor, a bare Flask app whose one endpoint returns one stored resource's JSON bytes from the
+  same database (``Store.read(...).data``), both under the same gunicorn settings
+  (``iop_fhir.serve.gunicorn_options``: same worker class, workers, threads).
+* Load: ``wrk`` (Debian's package) at ``--connections`` connections for ``--duration`` seconds
+  per scenario after a short warm-up, rotating through real ids; without wrk, a Python client
+  (processes of threads, one requests.Session per connection), which shares the 2 cores with
+  the servers and so gives lower absolute figures (the ratios remain comparable).
+* Scenarios: read-by-id (``GET /fhir/Observation/{id}``), search by patient (a page of 20:
+  ``GET /fhir/Observation?patient={id}&_count=20``), create (``POST /fhir/Observation``), and the
+  floor (``GET /floor/Observation/{id}``), measured first and last (the better run counts). Targets at 16 connections: read >= 60% of the floor,
+  search >= 40%, create >= 15%, read p99 < 20 ms.
+
+Usage: python bench/api.py [--patients 20] [--workers 4] [--duration 10] [--connections 16]
+                           [--worker-class gthread|sync] [--threads 4] [--auth] [--client auto|wrk|python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent
+SECRET = "bench-secret-of-at-least-thirty-two-bytes!"
+TARGETS = {"read": 0.60, "search": 0.40, "create": 0.15}
+READ_P99_MS = 20.0
+
+
+# --- the servers (this script, re-run with --serve, is the server process) ---------------------
+
+
+def floor_app(database_url: str) -> Any:
+    """The floor: Flask, one route, the stored bytes of one resource, nothing else."""
+    from flask import Flask, Response
+
+    from iop_fhir.store import Store
+
+    app = Flask("floor")
+    store = Store.open(database_url)
+    store.close()  # connections are opened per worker after the fork
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response(b"ok")
+
+    @app.get("/floor/<resource_type>/<id>")
+    def floor(resource_type: str, id: str) -> Response:
+        return Response(store.read(resource_type, id).data, content_type="application/fhir+json; charset=utf-8")
+
+    return app
+
+
+def serve(kind: str, port: int, database_url: str, workers: int, worker_class: str, threads: int, auth: bool) -> None:
+    from iop_fhir.serve import build_app, gunicorn_options, run_gunicorn
+
+    if kind == "floor":
+        app = floor_app(database_url)
+    else:
+        settings = {"DATABASE_URL": database_url, "LOG_LEVEL": "WARNING", "AUTH": "on" if auth else "off"}
+        app = build_app({**settings, "JWT_SECRET": SECRET} if auth else settings)
+    run_gunicorn(app, gunicorn_options("127.0.0.1", port, workers, threads=threads, worker_class=worker_class))
+
+
+@dataclass
+class Server:
+    base: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+
+def start(kind: str, database_url: str, args: argparse.Namespace) -> Server:
+    from iop_fhir.serve import free_port
+
+    port = free_port()
+    command = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--database-url", database_url]
+    command += ["--workers", str(args.workers), "--worker-class", args.worker_class, "--threads", str(args.threads)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOP_FHIR_")}
+    process = subprocess.Popen([*command, *(["--auth"] if args.auth else [])], env=env, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the {kind} server exited with {process.returncode}")
+        try:
+            requests.get(server.base + "/healthz", timeout=1)
+            return server
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    server.stop()
+    raise SystemExit(f"the {kind} server did not answer within 60 s")
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def load(database_url: str, patients: int, seed: int) -> tuple[list[str], list[str]]:
+    """Load a cohort; return Observation ids (for reads) and patient ids (with 20+ Observations)."""
+    from iop_fhir.generate import generate_cohort
+    from iop_fhir.serve import build_app, load_records
+
+    app = build_app({"DATABASE_URL": database_url, "AUTH": "off", "LOG_LEVEL": "WARNING"})
+    started = time.perf_counter()
+    for _ in load_records(app, generate_cohort(patients, seed)):
+        pass
+    store = app.extensions["iop_fhir.store"]
+    observations = [s.id for s in store.search("Observation", count=500).entries]
+    people = [s.id for s in store.search("Patient", count=500).entries]
+    searchable = [p for p in people if store.count("Observation", [("patient", f"Patient/{p}")]) >= 20]
+    print(f"loaded {patients} records in {time.perf_counter() - started:.1f} s: "
+          f"{store.count('Observation')} Observations, {len(people)} patients ({len(searchable)} with 20+ Observations)")  # fmt: skip
+    store.close()
+    return observations, searchable
+
+
+def new_observation(patient: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "survey"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "44261-6", "display": "PHQ-9 total score"}]},
+        "subject": {"reference": f"Patient/{patient}"},
+        "effectiveDateTime": "2026-02-03T10:00:00Z",
+        "valueInteger": 11,
+    }
+
+
+# --- load generators ---------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+_WRK_SCRIPT = """
+local paths = {%(paths)s}
+local i = math.random(#paths)
+wrk.method = "%(method)s"
+%(setup)s
+request = function()
+  i = i %% #paths + 1
+  return wrk.format(nil, paths[i])
+end
+"""
+
+
+def run_wrk(base: str, method: str, paths: list[str], body: bytes | None, headers: dict[str, str], args: argparse.Namespace, seconds: float) -> Figures:
+    lines = [f'wrk.headers["{k}"] = {json.dumps(v)}' for k, v in headers.items()]
+    if body is not None:
+        lines.append(f"wrk.body = {json.dumps(body.decode())}")
+    script = _WRK_SCRIPT % {"paths": ", ".join(json.dumps(p) for p in paths), "method": method, "setup": "\n".join(lines)}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(script)
+    try:
+        threads = min(2, args.connections)
+        command = ["wrk", f"-t{threads}", f"-c{args.connections}", f"-d{seconds:.0f}s", "--latency", "--timeout", "5s", "-s", handle.name, base]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+    finally:
+        os.unlink(handle.name)
+    total = int(re.search(r"(\d+) requests in ([\d.]+)(m?s)", out).group(1))
+    duration_match = re.search(r"requests in ([\d.]+)(ms|s|m)", out)
+    duration = float(duration_match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[duration_match.group(2)]
+    errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out.split("Socket errors:")[1].splitlines()[0])) if "Socket errors:" in out else 0
+    return Figures(total, duration, _wrk_ms(out, "50%"), _wrk_ms(out, "99%"), errors)
+
+
+def _wrk_ms(out: str, percentile: str) -> float:
+    value, unit = re.search(rf"^\s*{re.escape(percentile)}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def _python_client(job: tuple[str, str, list[str], bytes | None, dict[str, str], int, float]) -> tuple[list[float], int]:
+    """One process of the Python load generator: ``connections`` threads, a Session each."""
+    import threading
+
+    base, method, paths, body, headers, connections, until = job
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def loop(offset: int) -> None:
+        session = requests.Session()
+        mine, failed, i = [], 0, offset
+        while time.monotonic() < until:
+            i += 1
+            started = time.perf_counter()
+            response = session.request(method, base + paths[i % len(paths)], data=body, headers=headers, timeout=5)
+            mine.append(time.perf_counter() - started)
+            failed += response.status_code >= 400
+        with lock:
+            latencies.extend(mine)
+            errors[0] += failed
+
+    threads = [threading.Thread(target=loop, args=(random.randrange(len(paths)),)) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, errors[0]
+
+
+def run_python(base: str, method: str, paths: list[str], body: bytes | None, headers: dict[str, str], args: argparse.Namespace, seconds: float) -> Figures:
+    from multiprocessing import Pool
+
+    processes = 2
+    started = time.monotonic()
+    until = started + seconds
+    jobs = [(base, method, paths, body, headers, args.connections // processes + (i < args.connections % processes), until) for i in range(processes)]
+    with Pool(processes) as pool:
+        results = pool.map(_python_client, jobs)
+    elapsed = time.monotonic() - started
+    latencies = sorted(x for lat, _ in results for x in lat)
+    if not latencies:
+        return Figures(0, elapsed, 0.0, 0.0, 0)
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    return Figures(len(latencies), elapsed, pick(0.50), pick(0.99), sum(e for _, e in results))
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patients", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2 * (os.cpu_count() or 1))
+    parser.add_argument("--worker-class", default="gthread", choices=["sync", "gthread"])
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per scenario (after a 2 s warm-up)")
+    parser.add_argument("--auth", action="store_true", help="run the gateway with auth on (HS256 tokens)")
+    parser.add_argument("--client", default="auto", choices=["auto", "wrk", "python"])
+    parser.add_argument("--only", default="", help="comma-separated scenarios (read,search,create)")
+    parser.add_argument("--serve", choices=["gateway", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port, args.database_url, args.workers, args.worker_class, args.threads, args.auth)
+        return
+
+    use_wrk = args.client == "wrk" or (args.client == "auto" and shutil.which("wrk"))
+    run = run_wrk if use_wrk else run_python
+    folder = Path(tempfile.mkdtemp(prefix="iop-fhir-bench-"))
+    servers: list[Server] = []
+    try:
+        database_url = f"sqlite:///{folder / 'bench.sqlite'}"
+        observations, patients = load(database_url, args.patients, args.seed)
+        if not patients:
+            raise SystemExit("no patient has 20 Observations; use more --patients")
+        gateway = start("gateway", database_url, args)
+        floor = start("floor", database_url, args)
+        servers = [gateway, floor]
+        headers = {"Accept": "application/fhir+json"}
+        if args.auth:
+            import jwt
+
+            claims = {"client_id": "bench", "scope": "system/*.cruds", "exp": int(time.time()) + 3600}
+            headers["Authorization"] = "Bearer " + jwt.encode(claims, SECRET, algorithm="HS256")
+        body = json.dumps(new_observation(patients[0])).encode()
+        scenarios = {
+            "floor": (floor.base, "GET", [f"/floor/Observation/{i}" for i in observations], None),
+            "read": (gateway.base, "GET", [f"/fhir/Observation/{i}" for i in observations], None),
+            "search": (gateway.base, "GET", [f"/fhir/Observation?patient={p}&_count=20" for p in patients], None),
+            "create": (gateway.base, "POST", ["/fhir/Observation"], body),
+        }
+        wanted = {"floor", *(args.only.split(",") if args.only else ("read", "search", "create"))}
+        for name, (base, method, paths, data) in scenarios.items():
+            sample = requests.request(method, base + paths[0], data=data, headers={**headers, "Content-Type": "application/fhir+json"}, timeout=10)
+            if sample.status_code >= 400:
+                raise SystemExit(f"{name}: {method} {paths[0]} answered {sample.status_code}: {sample.text[:300]}")
+        print(f"load generator: {'wrk (2 threads)' if use_wrk else 'Python (2 processes of threads, requests sessions)'}; "
+              f"{args.connections} connections; gunicorn {args.worker_class} x {args.workers} workers"
+              f"{f' x {args.threads} threads' if args.worker_class == 'gthread' else ''}; auth {'on' if args.auth else 'off'}; "
+              f"{args.duration:.0f} s per scenario on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")  # fmt: skip
+        results: dict[str, Figures] = {}
+        # The floor is measured first and again last, and the better of the two counts: on a
+        # shared machine a single floor run can land in a busy moment and flatter the ratios.
+        for name in ["floor", *(n for n in scenarios if n in wanted and n != "floor"), "floor"]:
+            base, method, paths, data = scenarios[name]
+            send = {**headers, "Content-Type": "application/fhir+json"} if data else headers
+            if name not in results:
+                run(base, method, paths, data, send, args, 2)  # warm-up: every worker imports and caches
+            figures = run(base, method, paths, data, send, args, args.duration)
+            if name not in results or figures.rate > results[name].rate:
+                results[name] = figures
+        report(results)
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def report(results: dict[str, Figures]) -> None:
+    floor = results["floor"].rate
+    print(f"\n{'scenario':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'/ floor':>9}{'target':>9}  ok")
+    for name, figures in results.items():
+        ratio = figures.rate / floor if floor else 0.0
+        target = TARGETS.get(name)
+        ok = "" if target is None else "yes" if ratio >= target else "NO"
+        if name == "read" and figures.p99_ms >= READ_P99_MS:
+            ok = "NO (p99)"
+        target_text = f"{target:.0%}" if target is not None else ""
+        print(f"{name:<10}{figures.rate:>10.0f}{figures.p50_ms:>10.2f}{figures.p99_ms:>10.2f}{figures.errors:>8}{ratio:>9.0%}{target_text:>9}  {ok}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,477 @@
+"""The FHIR R4 RESTful API under ``/fhir``: read, vread, create, update, patch, delete,
+history and search (R4 http.html), in JSON and XML.
+
+Each route declares the interaction it implements (:func:`_interaction`), and that table is
+what the CapabilityStatement lists, so ``/fhir/metadata`` cannot claim what is not routed.
+Handlers are thin: check the type, parse the body (:mod:`.negotiate`), validate
+(:func:`~iop_fhir.formats.fhir_validate.require_valid`), call the store, answer. Every client
+mistake is raised as an ``IopFhirError`` and answered by the one error handler.
+
+Decisions, where R4 leaves a choice:
+
+* the served resource types are the store's search table; another type is 404 ``not-supported``;
+* ``POST`` ignores an id in the body (the server assigns ids); ``PUT`` needs one equal to the URL's;
+* ``DELETE`` answers 204 (200 with an OperationOutcome under ``Prefer: return=OperationOutcome``),
+  also when there was nothing to delete, as R4 allows;
+* conditional writes match strictly: an unknown parameter in their criteria is a 400, never
+  ignored, since ignoring it would widen what gets overwritten or deleted;
+* JSON Patch: a failed ``test`` operation, or a path the resource does not have, is 422 (RFC 5789
+  §2.2: the patch is understood but cannot be applied to this content); 412 stays for ``If-Match``.
+  Patching ``id`` or ``resourceType`` (or the whole document) is 422 as well;
+* reads serve the stored bytes for JSON as they are: no parse, no validation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qsl
+
+import jsonpatch
+import jsonpointer
+from flask import Blueprint, Response, current_app, request
+from werkzeug.http import http_date, parse_date
+
+from iop_fhir.api import capability, search, store
+from iop_fhir.api.capability import Interaction
+from iop_fhir.api.negotiate import read_body, respond, response_format
+from iop_fhir.errors import IopFhirError, Issue, NotFound, PreconditionFailed, UnsupportedFormat, operation_outcome
+from iop_fhir.formats.fhir_validate import require_valid
+from iop_fhir.store import Saved
+from iop_fhir.store.search_index import PARAMETERS
+
+JSON = dict[str, Any]
+
+bp = Blueprint("fhir", __name__, url_prefix="/fhir")
+
+# What the routes below implement, in registration order (the CapabilityStatement reads it).
+INTERACTIONS: list[Interaction] = []
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_ETAG = re.compile(r'\s*(?:W/)?"(\d+)"\s*')
+JSON_PATCH = "application/json-patch+json"
+FORM = "application/x-www-form-urlencoded"
+PATCH_ATTEMPTS = 3  # a patch without If-Match retries when another write slips in between
+
+
+class InvalidRequest(IopFhirError):
+    """A request FHIR's HTTP rules refuse before any resource rule applies (id mismatch, bad header)."""
+
+    status = 400
+    issue_code = "invalid"
+
+
+class UnknownResourceType(NotFound):
+    """A resource type this API does not serve (R4: 404 for an unknown type)."""
+
+    issue_code = "not-supported"
+
+
+class PatchFailed(IopFhirError):
+    """A well-formed JSON Patch that cannot be applied to this resource (failed test, missing path)."""
+
+    status = 422
+    issue_code = "processing"
+
+
+View = Callable[..., Response]
+
+
+def _interaction(rule: str, method: str, code: str, level: str, *, conditional: bool = False) -> Callable[[View], View]:
+    """Route ``method rule`` to the view and record the interaction it implements."""
+
+    def register(view: View) -> View:
+        bp.add_url_rule(rule, view_func=view, methods=[method])
+        INTERACTIONS.append(Interaction(code, level, conditional))
+        return view
+
+    return register
+
+
+# --- request plumbing ----------------------------------------------------------------------------
+
+
+def _served(resource_type: str) -> None:
+    if resource_type not in PARAMETERS:
+        message = f"resource type {resource_type!r} is not served here (GET /fhir/metadata lists the types)"
+        raise UnknownResourceType(message, [Issue(message, code="not-supported")])
+
+
+def _start(resource_type: str) -> str:
+    """Check the type is served and settle the response format, before any work (a 404 or 406 costs nothing)."""
+    _served(resource_type)
+    return _response_format()
+
+
+def _base_url() -> str:
+    """Where this API lives, for fullUrl, Location and links: ``BASE_URL`` or the request's host + ``/fhir``."""
+    configured = current_app.config.get("BASE_URL")
+    if configured:
+        return configured.rstrip("/")
+    # request.host_url re-parses the environ each time (IRI decoding): memoise on what it reads
+    environ = request.environ
+    key = tuple(environ.get(k) for k in ("wsgi.url_scheme", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "SCRIPT_NAME"))
+    return _memoised(_BASES, key, lambda: (request.host_url + "fhir").rstrip("/"))
+
+
+def _response_format() -> str:
+    """``response_format()`` memoised on what it reads (``_format``, Accept): reads are the hot path."""
+    given = request.args.get("_format") if request.query_string else None
+    return _memoised(_FORMATS, (given, request.headers.get("Accept")), response_format)
+
+
+_BASES: dict[tuple[Any, ...], str] = {}
+_FORMATS: dict[tuple[Any, ...], str] = {}
+
+
+def _memoised(table: dict[tuple[Any, ...], str], key: tuple[Any, ...], compute: Callable[[], str]) -> str:
+    found = table.get(key)
+    if found is None:
+        found = compute()  # errors (406) propagate and are not remembered
+        if len(table) >= 256:  # the keys come from clients: keep the memo small
+            table.clear()
+        table[key] = found
+    return found
+
+
+def _prefer(name: str) -> str | None:
+    """One preference of the ``Prefer`` header (RFC 7240): ``return``, ``handling``."""
+    for token in re.split(r"[,;]", request.headers.get("Prefer", "")):
+        key, _, value = token.partition("=")
+        if key.strip().lower() == name:
+            return value.strip().strip('"')
+    return None
+
+
+def _strict() -> bool:
+    return _prefer("handling") == "strict"
+
+
+def _if_match() -> int | None:
+    """The version ``If-Match`` names (``W/"3"``), or None; ``*`` asks nothing of the version."""
+    value = request.headers.get("If-Match")
+    if value is None or value.strip() == "*":
+        return None
+    m = _ETAG.fullmatch(value)
+    if m is None:
+        message = f'If-Match {value!r} is not a version ETag such as W/"3"'
+        raise InvalidRequest(message, [Issue(message, location="If-Match")])
+    return int(m.group(1))
+
+
+def _stale(wanted: int, current: Saved) -> PreconditionFailed:
+    message = f"If-Match names version {wanted}, but {current.reference} is at version {current.version}"
+    return PreconditionFailed(message, [Issue(message, location="If-Match", code="conflict")])
+
+
+def _check_id(resource_type: str, id: str) -> None:
+    if not ID_PATTERN.fullmatch(id):
+        message = f"{id!r} is not a FHIR id (1-64 of A-Z a-z 0-9 - .)"
+        raise InvalidRequest(message, [Issue(message, location=f"{resource_type}.id", code="value")])
+
+
+def _incoming(resource_type: str) -> JSON:
+    """The request's resource, of the URL's type (400 otherwise)."""
+    resource = read_body(max_bytes=current_app.config["MAX_BODY_BYTES"])
+    found = resource.get("resourceType")
+    if found != resource_type:
+        message = f"the body is a {found}, but the URL is for {resource_type}"
+        raise InvalidRequest(message, [Issue(message, location="resourceType", code="invalid")])
+    return resource
+
+
+def _criteria(resource_type: str, pairs: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """Search criteria of a conditional write (``pairs``, else the query); ``_format`` only says how to answer."""
+    given = list(request.args.items(multi=True)) if pairs is None else pairs
+    criteria = [(k, v) for k, v in given if k not in ("_format", "_pretty")]
+    if not criteria:
+        message = f"a conditional write to {resource_type} needs search criteria (e.g. ?identifier=system|value)"
+        raise InvalidRequest(message, [Issue(message, code="required")])
+    return criteria
+
+
+def _version_headers(saved: Saved) -> dict[str, str]:
+    return {"ETag": saved.etag, "Last-Modified": http_date(saved.last_updated)}
+
+
+def _not_modified(saved: Saved) -> bool:
+    """``If-None-Match`` (an ETag list or ``*``) or, without it, ``If-Modified-Since`` (RFC 9110 §13.2.2)."""
+    tags = request.headers.get("If-None-Match")
+    if tags is not None:
+        return any(tag.strip() in ("*", saved.etag, f'"{saved.version}"') for tag in tags.split(","))
+    since = parse_date(request.headers.get("If-Modified-Since"))
+    return since is not None and saved.last_updated.replace(microsecond=0) <= since
+
+
+def _serve(saved: Saved, fmt: str) -> Response:
+    """A stored version as a read answers it: conditional, shaped when asked, else the bytes as stored."""
+    headers = _version_headers(saved)
+    if _not_modified(saved):
+        return Response(status=304, headers=headers)
+    shape = search.read_shaper(saved.resource_type, request.args) if request.query_string else None
+    return respond(saved.data if shape is None else shape(saved.resource), 200, headers, fmt=fmt)
+
+
+def _information(message: str) -> JSON:
+    return operation_outcome([Issue(message, severity="information", code="informational")])
+
+
+def _written(saved: Saved, status: int, fmt: str) -> Response:
+    """The answer to a write, as ``Prefer: return=`` asks (representation by default)."""
+    headers = {**_version_headers(saved), "Location": f"{_base_url()}/{saved.location}"}
+    mode = _prefer("return")
+    if mode == "minimal":
+        return respond(None, status, headers, fmt=fmt)
+    if mode == "OperationOutcome":
+        what = "created" if saved.created else "updated" if saved.changed else "unchanged"
+        return respond(_information(f"{saved.reference} {what} (version {saved.version})"), status, headers, fmt=fmt)
+    return respond(saved.data, status, headers, fmt=fmt)
+
+
+# --- read, vread ---------------------------------------------------------------------------------
+
+
+@_interaction("/<resource_type>/<id>", "GET", "read", "instance", conditional=True)
+def read(resource_type: str, id: str) -> Response:
+    fmt = _start(resource_type)
+    return _serve(store().read(resource_type, id), fmt)
+
+
+@_interaction("/<resource_type>/<id>/_history/<vid>", "GET", "vread", "instance")
+def vread(resource_type: str, id: str, vid: str) -> Response:
+    fmt = _start(resource_type)
+    if not vid.isdigit():
+        raise NotFound(f"{resource_type}/{id} has no version {vid!r} (versions are numbers)")
+    return _serve(store().vread(resource_type, id, int(vid)), fmt)
+
+
+# --- create, update, patch -----------------------------------------------------------------------
+
+
+@_interaction("/<resource_type>", "POST", "create", "type", conditional=True)
+def create(resource_type: str) -> Response:
+    """POST: the server assigns the id (one in the body is ignored, R4 http.html#create);
+    ``If-None-Exist`` makes it conditional (one match: 200 with it; several: 412)."""
+    fmt = _start(resource_type)
+    resource = _incoming(resource_type)
+    resource.pop("id", None)
+    require_valid(resource)
+    condition = request.headers.get("If-None-Exist", "").strip()
+    criteria = _criteria(resource_type, _query_pairs(condition)) if condition else None
+    saved = store().create(resource, if_none_exist=criteria, deliver_to=())
+    return _written(saved, 201 if saved.created else 200, fmt)
+
+
+def _query_pairs(condition: str) -> list[tuple[str, str]]:
+    return parse_qsl(condition.split("?", 1)[1] if "?" in condition else condition, keep_blank_values=True)
+
+
+@_interaction("/<resource_type>/<id>", "PUT", "update", "instance")
+def update(resource_type: str, id: str) -> Response:
+    """PUT: a new version, or the resource created under the client's id (201)."""
+    fmt = _start(resource_type)
+    _check_id(resource_type, id)
+    resource = _incoming(resource_type)
+    given = resource.get("id")
+    if given != id:
+        message = f"the body's id must be the URL's {id!r}" + (f", not {given!r}" if given is not None else "")
+        code = "required" if given is None else "value"
+        raise InvalidRequest(message, [Issue(message, location=f"{resource_type}.id", code=code)])
+    require_valid(resource)
+    saved = store().update(resource_type, id, resource, if_match=_if_match(), deliver_to=())
+    return _written(saved, 201 if saved.created else 200, fmt)
+
+
+@_interaction("/<resource_type>", "PUT", "update", "type", conditional=True)
+def conditional_update(resource_type: str) -> Response:
+    """``PUT Type?criteria``: update the one match, create when none matches, 412 when several do."""
+    fmt = _start(resource_type)
+    criteria = _criteria(resource_type)
+    resource = _incoming(resource_type)
+    require_valid(resource)
+    saved = store().conditional_update(resource_type, criteria, resource, if_match=_if_match(), deliver_to=())
+    return _written(saved, 201 if saved.created else 200, fmt)
+
+
+@_interaction("/<resource_type>/<id>", "PATCH", "patch", "instance")
+def patch(resource_type: str, id: str) -> Response:
+    """PATCH with a JSON Patch document; the patched resource is validated like any update."""
+    fmt = _start(resource_type)
+    operations = _json_patch_document()
+    wanted = _if_match()
+    for attempt in range(PATCH_ATTEMPTS):
+        current = store().read(resource_type, id)
+        if wanted is not None and current.version != wanted:
+            raise _stale(wanted, current)
+        patched = _apply_patch(current.resource, operations, resource_type, id)
+        require_valid(patched)
+        try:
+            # the version just read: a write in between is a conflict, never silently overwritten
+            saved = store().update(resource_type, id, patched, if_match=current.version, deliver_to=())
+        except PreconditionFailed:
+            if wanted is not None or attempt == PATCH_ATTEMPTS - 1:
+                raise
+            continue
+        return _written(saved, 200, fmt)
+    raise AssertionError("unreachable")
+
+
+def _json_patch_document() -> list[JSON]:
+    """The request body as a JSON Patch (RFC 6902) document, numbers kept exact.
+
+    Parsed here rather than in :mod:`.negotiate`, which reads FHIR resources only.
+    """
+    kind = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if kind != JSON_PATCH:
+        raise UnsupportedFormat(f"PATCH takes {JSON_PATCH}, not {kind or 'no Content-Type'!r}")
+    data = request.get_data(cache=True)
+    try:
+        document = json.loads(data.decode("utf-8"), parse_float=Decimal)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        message = f"the patch is not JSON: {exc}"
+        raise InvalidRequest(message, [Issue(message, code="structure")]) from None
+    if not isinstance(document, list) or not all(isinstance(op, dict) for op in document):
+        message = "a JSON Patch is an array of operation objects"
+        raise InvalidRequest(message, [Issue(message, code="structure")])
+    return document
+
+
+def _apply_patch(resource: JSON, operations: list[JSON], resource_type: str, id: str) -> JSON:
+    """The resource with ``operations`` applied, one at a time so an error names its operation (``/2``)."""
+    for index, op in enumerate(operations):
+        for key in ("path", "from"):
+            target = op.get(key)
+            if op.get("op") != "test" and isinstance(target, str) and target.split("/")[:2] in _FIXED:
+                message = f"operation {index} may not change {target or 'the whole resource'} (id and type are the URL's)"
+                raise PatchFailed(message, [Issue(message, location=f"/{index}/{key}", code="business-rule")])
+    document = resource
+    for index, op in enumerate(operations):
+        try:
+            document = jsonpatch.JsonPatch([op]).apply(document, in_place=False)
+        except jsonpatch.InvalidJsonPatch as exc:
+            raise InvalidRequest(f"operation {index}: {exc}", [Issue(str(exc), location=f"/{index}", code="structure")]) from None
+        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+            # a failed test (JsonPatchTestFailed), or a path this resource does not have
+            raise PatchFailed(f"operation {index}: {exc}", [Issue(str(exc), location=f"/{index}")]) from None
+    if not isinstance(document, dict) or document.get("resourceType") != resource_type or document.get("id") != id:
+        message = "the patch changed the resource's id or type"
+        raise PatchFailed(message, [Issue(message, code="business-rule")])
+    return document
+
+
+# JSON pointers (split on "/", first two parts) a patch may not write: the document, its id, its type.
+_FIXED = ([""], ["", "id"], ["", "resourceType"])
+
+
+# --- delete --------------------------------------------------------------------------------------
+
+
+@_interaction("/<resource_type>/<id>", "DELETE", "delete", "instance")
+def delete(resource_type: str, id: str) -> Response:
+    fmt = _start(resource_type)
+    wanted = _if_match()
+    try:
+        with store().unit() as uow:
+            current = uow.read(resource_type, id) if wanted is not None else None
+            if current is not None and current.version != wanted:
+                raise _stale(wanted, current)
+            saved = uow.delete(resource_type, id, deliver_to=())
+    except NotFound:
+        if wanted is not None:
+            raise
+        saved = None  # nothing to delete: as good as deleted (R4 http.html#delete)
+    return _deleted(saved, f"{resource_type}/{id}", fmt)
+
+
+@_interaction("/<resource_type>", "DELETE", "delete", "type", conditional=True)
+def conditional_delete(resource_type: str) -> Response:
+    """``DELETE Type?criteria``: deletes the one match; several matches are 412 (``single``)."""
+    fmt = _start(resource_type)
+    criteria = _criteria(resource_type)
+    with store().unit() as uow:
+        matches = uow.search(resource_type, criteria, count=2).entries
+        if len(matches) > 1:
+            message = f"more than one {resource_type} matches; conditional delete removes one at a time"
+            raise PreconditionFailed(message, [Issue(message, code="multiple-matches")])
+        saved = uow.delete(resource_type, matches[0].id, deliver_to=()) if matches else None
+    return _deleted(saved, saved.reference if saved else resource_type, fmt)
+
+
+def _deleted(saved: Saved | None, what: str, fmt: str) -> Response:
+    headers = {"ETag": saved.etag} if saved is not None else {}
+    if _prefer("return") == "OperationOutcome":
+        done = f"{what} deleted" if saved is not None else f"{what}: nothing to delete"
+        return respond(_information(done), 200, headers, fmt=fmt)
+    return respond(None, 204, headers, fmt=fmt)
+
+
+# --- history and search --------------------------------------------------------------------------
+
+
+def _history(resource_type: str | None, id: str | None) -> Response:
+    fmt = _response_format()
+    settings = current_app.config
+    bundle = search.history_bundle(
+        resource_type,
+        id,
+        list(request.args.items(multi=True)),
+        base=_base_url(),
+        fmt=fmt,
+        strict=_strict(),
+        default_count=settings["DEFAULT_COUNT"],
+        max_count=settings["MAX_COUNT"],
+    )
+    return respond(bundle, fmt=fmt)
+
+
+@_interaction("/<resource_type>/<id>/_history", "GET", "history-instance", "instance")
+def history_instance(resource_type: str, id: str) -> Response:
+    _served(resource_type)
+    return _history(resource_type, id)
+
+
+@_interaction("/<resource_type>/_history", "GET", "history-type", "type")
+def history_type(resource_type: str) -> Response:
+    _served(resource_type)
+    return _history(resource_type, None)
+
+
+@_interaction("/_history", "GET", "history-system", "system")
+def history_system() -> Response:
+    return _history(None, None)
+
+
+def _search(resource_type: str, pairs: list[tuple[str, str]]) -> Response:
+    fmt = _start(resource_type)
+    settings = current_app.config
+    parsed = search.SearchRequest.parse(
+        resource_type, pairs, strict=_strict(), default_count=settings["DEFAULT_COUNT"], max_count=settings["MAX_COUNT"]
+    )
+    return respond(search.search_bundle(parsed, base=_base_url(), fmt=fmt, max_count=settings["MAX_COUNT"]), fmt=fmt)
+
+
+@_interaction("/<resource_type>", "GET", "search-type", "type")
+def search_type(resource_type: str) -> Response:
+    return _search(resource_type, list(request.args.items(multi=True)))
+
+
+@_interaction("/<resource_type>/_search", "POST", "search-type", "type")
+def search_post(resource_type: str) -> Response:
+    """``POST Type/_search``: the parameters in a form body (and the query string)."""
+    kind = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if request.content_length and kind != FORM:
+        raise UnsupportedFormat(f"POST _search takes {FORM}, not {kind or 'no Content-Type'!r}")
+    return _search(resource_type, list(request.args.items(multi=True)) + list(request.form.items(multi=True)))
+
+
+# --- capabilities --------------------------------------------------------------------------------
+
+
+@bp.get("/metadata")
+def metadata() -> Response:
+    fmt = _response_format()
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    return respond(capability.capability_statement(app, _base_url(), INTERACTIONS), fmt=fmt)
