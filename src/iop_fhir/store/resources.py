@@ -597,7 +597,7 @@ class _Writer:
             holder = _HOLDER.first(conn, {"rt": resource_type, "system": system, "value": value})
             if holder is not None:
                 message = f"identifier {system}|{value} already belongs to {resource_type}/{holder[0]}"
-                raise VersionConflict(
+                raise IdentifierHeld(
                     message, [Issue(message, location=f"{resource_type}.identifier", code="duplicate")]
                 )
         # the database constraint decides a race the check above cannot see (IntegrityError)
@@ -810,10 +810,22 @@ class UnitOfWork(_Operations):
             try:
                 with self._conn.begin_nested():
                     return fn(self._writer)
+            except IdentifierHeld:
+                if attempt == ATTEMPTS - 1:
+                    raise
             except IntegrityError as exc:
                 if attempt == ATTEMPTS - 1:
                     raise _lost_race(exc) from exc
         raise AssertionError("unreachable")
+
+
+class IdentifierHeld(VersionConflict):
+    """Another resource holds a business identifier this write claims.
+
+    Writes retry on it like on a lost unique-key race: a conditional create whose search
+    ran before a concurrent winner committed finds that winner on the retry and returns it,
+    instead of failing; a plain create still ends in this conflict.
+    """
 
 
 def _lost_race(exc: IntegrityError) -> VersionConflict:
@@ -914,6 +926,9 @@ class Store(_Operations):
             try:
                 with db.writing(self.engine) as conn:
                     return fn(_Writer(self, conn))
+            except IdentifierHeld:
+                if attempt == ATTEMPTS - 1:
+                    raise
             except IntegrityError as exc:
                 if attempt == ATTEMPTS - 1:
                     raise _lost_race(exc) from exc
