@@ -26,6 +26,8 @@ JSON: resources are dicts as :func:`iop_fhir.formats.fhir_json.loads` gives them
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import hashlib
 import re
 import uuid
@@ -634,15 +636,16 @@ class _Writer:
 # --- the public API ------------------------------------------------------------------------------
 
 
-class _Operations:
+class _Operations(ABC):
     """Every store operation, once; :class:`Store` and :class:`UnitOfWork` say where it runs."""
 
+    @abstractmethod
     def _writing(self, fn: Callable[[_Writer], T]) -> T:
-        raise NotImplementedError
+        """Run one write (with its retries on a lost race) where this object writes."""
 
+    @abstractmethod
     def _target(self) -> Engine | Connection:
         """Where a prepared single-statement read runs."""
-        raise NotImplementedError
 
     # writes
 
