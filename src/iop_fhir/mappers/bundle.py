@@ -34,6 +34,7 @@ from iop_fhir.mappers import (
     provenance,
 )
 from iop_fhir.mappers.context import MappingContext, ResourceIndex
+from iop_fhir.mappers.ids import Ids
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.record.model import IopRecord
 from iop_fhir.record.validate import validate_record
@@ -127,8 +128,8 @@ def record_to_bundle(record: IopRecord) -> JSON:
 
 
 def record_bundle_id(record: IopRecord) -> str:
-    ctx = MappingContext(record)
-    return ctx.ids.id("Bundle", "episode", record.id, shared=True)
+    """The Bundle's id: a name-based UUID of the episode, like every resource id."""
+    return Ids(record.program.id, record.id, record.program.identifier_system).id("Bundle", "episode", record.id, shared=True)
 
 
 def _entry(resource: JSON) -> JSON:

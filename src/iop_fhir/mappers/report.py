@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from iop_fhir.errors import Issue, operation_outcome
+from iop_fhir.errors import Issue
 
 
 @dataclass
@@ -34,7 +33,3 @@ class MappingReport:
     @property
     def errors(self) -> list[Issue]:
         return [i for i in self.issues if i.severity in ("error", "fatal")]
-
-    def to_operation_outcome(self) -> dict[str, Any]:
-        """The report as a FHIR OperationOutcome (an empty report says so with one information issue)."""
-        return operation_outcome(self.issues, default="mapped without loss")
