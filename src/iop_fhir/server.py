@@ -12,9 +12,10 @@ from typing import Any
 
 from flask import Flask
 
-from iop_fhir.api import STORE_KEY, auth, bundles, errors, fhir, health, iop, operations
+from iop_fhir.api import DESTINATIONS_KEY, STORE_KEY, auth, bundles, errors, fhir, health, iop, operations
 from iop_fhir.config import load_settings
 from iop_fhir.store import Store
+from iop_fhir.sync.destinations import Router, load_destinations
 
 log = logging.getLogger("iop_fhir")
 
@@ -28,7 +29,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
     logging.basicConfig(level=settings["LOG_LEVEL"])
 
-    app.extensions[STORE_KEY] = Store.open(settings["DATABASE_URL"])
+    destinations = load_destinations(settings)
+    app.extensions[DESTINATIONS_KEY] = destinations
+    app.extensions[STORE_KEY] = Store.open(settings["DATABASE_URL"], router=Router(destinations.values()))
 
     errors.init_app(app)
     auth.init_app(app)

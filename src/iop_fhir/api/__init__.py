@@ -9,10 +9,17 @@ from __future__ import annotations
 from flask import current_app
 
 from iop_fhir.store import Store
+from iop_fhir.sync.destinations import Destination
 
 STORE_KEY = "iop_fhir.store"
+DESTINATIONS_KEY = "iop_fhir.destinations"
 
 
 def store() -> Store:
     """The application's store (one per app, shared by its requests)."""
     return current_app.extensions[STORE_KEY]
+
+
+def destinations() -> dict[str, Destination]:
+    """The configured destinations by name (``[[destination]]`` in the settings file)."""
+    return current_app.extensions[DESTINATIONS_KEY]

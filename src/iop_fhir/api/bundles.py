@@ -615,7 +615,7 @@ def _delete(ops: Ops, e: Entry) -> EntryResult:
     if e.if_match is not None:
         _check_version(ops, e)
     try:
-        saved = ops.delete(e.resource_type, e.id, deliver_to=())
+        saved = ops.delete(e.resource_type, e.id)
     except NotFound:
         return EntryResult(e.index, e.method, 204)  # R4 http.html#delete: nothing to delete is fine
     return EntryResult(e.index, e.method, 204, saved)
@@ -637,7 +637,7 @@ def _create(ops: Ops, e: Entry) -> EntryResult:
     if e.matched:
         return EntryResult(e.index, e.method, 200, ops.read(e.resource_type, e.id))
     resource = {k: v for k, v in e.resource.items() if k != "id"}  # R4: a create ignores the id
-    saved = ops.create(resource, id=e.id, if_none_exist=e.if_none_exist, deliver_to=())
+    saved = ops.create(resource, id=e.id, if_none_exist=e.if_none_exist)
     if saved.id != e.id:
         # Another writer created the match after resolution; references already name e.id.
         raise _at(VersionConflict("a concurrent request created the resource ifNoneExist names; retry"), e, "request.ifNoneExist")
@@ -649,11 +649,11 @@ def _update(ops: Ops, e: Entry) -> EntryResult:
     if e.conditional and not e.matched:
         try:
             # Under the store's lock on the criteria: a match created meanwhile is a conflict.
-            saved = ops.conditional_update(e.resource_type, e.query or [], e.resource, if_match=e.if_match, deliver_to=())
+            saved = ops.conditional_update(e.resource_type, e.query or [], e.resource, if_match=e.if_match)
         except RecordInvalid as exc:
             raise _at(VersionConflict(f"a concurrent request created a {e.resource_type} matching {e.url}; retry"), e, "request.url") from exc
     else:
-        saved = ops.update(e.resource_type, e.id, e.resource, if_match=e.if_match, deliver_to=())
+        saved = ops.update(e.resource_type, e.id, e.resource, if_match=e.if_match)
     return EntryResult(e.index, e.method, 201 if saved.created else 200, saved)
 
 
@@ -670,7 +670,7 @@ def _patch(ops: Ops, e: Entry) -> EntryResult:
     invalid = located(fhir_validate.validate_resource(patched), f"{e.where}.resource", patched)
     if invalid:
         raise RecordInvalid(f"the patched {e.resource_type} is invalid: {invalid[0]}", invalid)
-    saved = ops.update(e.resource_type, e.id, patched, if_match=e.if_match, deliver_to=())
+    saved = ops.update(e.resource_type, e.id, patched, if_match=e.if_match)
     return EntryResult(e.index, e.method, 200, saved)
 
 

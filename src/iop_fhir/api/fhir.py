@@ -261,7 +261,7 @@ def create(resource_type: str) -> Response:
     require_valid(resource)
     condition = request.headers.get("If-None-Exist", "").strip()
     criteria = _criteria(resource_type, _query_pairs(condition)) if condition else None
-    saved = store().create(resource, if_none_exist=criteria, deliver_to=())
+    saved = store().create(resource, if_none_exist=criteria)
     return _written(saved, 201 if saved.created else 200, fmt)
 
 
@@ -281,7 +281,7 @@ def update(resource_type: str, id: str) -> Response:
         code = "required" if given is None else "value"
         raise InvalidRequest(message, [Issue(message, location=f"{resource_type}.id", code=code)])
     require_valid(resource)
-    saved = store().update(resource_type, id, resource, if_match=_if_match(), deliver_to=())
+    saved = store().update(resource_type, id, resource, if_match=_if_match())
     return _written(saved, 201 if saved.created else 200, fmt)
 
 
@@ -292,7 +292,7 @@ def conditional_update(resource_type: str) -> Response:
     criteria = _criteria(resource_type)
     resource = _incoming(resource_type)
     require_valid(resource)
-    saved = store().conditional_update(resource_type, criteria, resource, if_match=_if_match(), deliver_to=())
+    saved = store().conditional_update(resource_type, criteria, resource, if_match=_if_match())
     return _written(saved, 201 if saved.created else 200, fmt)
 
 
@@ -310,7 +310,7 @@ def patch(resource_type: str, id: str) -> Response:
         require_valid(patched)
         try:
             # the version just read: a write in between is a conflict, never silently overwritten
-            saved = store().update(resource_type, id, patched, if_match=current.version, deliver_to=())
+            saved = store().update(resource_type, id, patched, if_match=current.version)
         except PreconditionFailed:
             if wanted is not None or attempt == PATCH_ATTEMPTS - 1:
                 raise
@@ -378,7 +378,7 @@ def delete(resource_type: str, id: str) -> Response:
             current = uow.read(resource_type, id) if wanted is not None else None
             if current is not None and current.version != wanted:
                 raise _stale(wanted, current)
-            saved = uow.delete(resource_type, id, deliver_to=())
+            saved = uow.delete(resource_type, id)
     except NotFound:
         if wanted is not None:
             raise
@@ -396,7 +396,7 @@ def conditional_delete(resource_type: str) -> Response:
         if len(matches) > 1:
             message = f"more than one {resource_type} matches; conditional delete removes one at a time"
             raise PreconditionFailed(message, [Issue(message, code="multiple-matches")])
-        saved = uow.delete(resource_type, matches[0].id, deliver_to=()) if matches else None
+        saved = uow.delete(resource_type, matches[0].id) if matches else None
     return _deleted(saved, saved.reference if saved else resource_type, fmt)
 
 

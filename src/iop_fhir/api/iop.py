@@ -252,7 +252,7 @@ def save_record(uow: UnitOfWork, record: IopRecord, pointer: str = "") -> Record
         except (NotFound, Gone):
             continue
         if owned_by_episode(stale.resource, ids.base, record.id):
-            gone = uow.delete(rtype, rid, deliver_to=())
+            gone = uow.delete(rtype, rid)
             out.resources.append({"reference": f"{rtype}/{rid}", "version": gone.version, "outcome": "deleted"})
     return out
 

@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, func, insert, inspect, select
+from sqlalchemy import Connection, Engine, Table, func, insert, inspect, select
 
 from iop_fhir.store import db
-from iop_fhir.store.tables import metadata, schema_version
+from iop_fhir.store.tables import message, metadata, schema_version, sync_cursor
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,18 @@ class Migration:
     apply: Callable[[Connection], None] | None = None
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "baseline: resources, versions, identifiers, search index, outbox"),)
+def _create(*tables: Table) -> Callable[[Connection], None]:
+    def apply(conn: Connection) -> None:
+        for table in tables:
+            table.create(conn, checkfirst=True)
+
+    return apply
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "baseline: resources, versions, identifiers, search index, outbox"),
+    Migration(2, "sync cursors and the wire-message store", _create(sync_cursor, message)),
+)
 
 
 class SchemaTooNew(RuntimeError):

@@ -64,7 +64,8 @@ JSON = dict[str, Any]
 T = TypeVar("T")
 Clock = Callable[[], datetime]
 # Which destinations a change goes to when the caller does not say: (type, resource) -> names.
-Router = Callable[[str, JSON], Iterable[str]]
+# which destinations a change goes to: (resource type, resource, its patient's "Patient/{id}" or None)
+Router = Callable[[str, JSON, str | None], Iterable[str]]
 SearchParams = str | Sequence[tuple[str, str]]
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -618,9 +619,10 @@ class _Writer:
         action: str,
         now: datetime,
     ) -> None:
+        patient_key = search_index.patient_key(resource_type, id, rows)
         if deliver_to is None:
             router = self.store.router
-            deliver_to = router(resource_type, resource) if router is not None else ()
+            deliver_to = router(resource_type, resource, patient_key) if router is not None else ()
         enqueue(
             self.conn,
             list(dict.fromkeys(deliver_to)),
@@ -628,7 +630,7 @@ class _Writer:
             resource_id=id,
             version_id=version,
             action=action,
-            patient_key=search_index.patient_key(resource_type, id, rows),
+            patient_key=patient_key,
             now=now,
         )
 

@@ -209,3 +209,39 @@ outbox = Table(
     Index("ix_outbox_resource", "resource_type", "resource_id"),
     sqlite_autoincrement=True,  # ids never reused: they are the delivery order
 )
+
+# --- added by migration 2 ------------------------------------------------------------------------
+
+sync_cursor = Table(
+    "sync_cursor",
+    metadata,
+    # where an incremental pull from one destination stopped, per resource type
+    Column("destination", String(200), primary_key=True),
+    Column("resource_type", TYPE, primary_key=True),
+    # the source server's own ``_lastUpdated`` of the newest resource seen (its clock, not ours)
+    Column("last_updated", String(40), nullable=False),
+    Column("pulled_at", Instant, nullable=False),
+)
+
+message = Table(
+    "message",
+    metadata,
+    # every wire message in and out (NCPDP SCRIPT), kept as sent or received, for correlation and replay
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("created", Instant, nullable=False),
+    Column("direction", String(8), nullable=False),  # in | out
+    Column("protocol", String(16), nullable=False),  # ncpdp
+    Column("kind", String(40), nullable=False),  # NewRx, RxFill, Status, Error, ...
+    Column("message_id", String(100), nullable=False),  # the header's MessageID
+    Column("relates_to", String(100)),  # RelatesToMessageID
+    Column("counterparty", String(200)),  # destination name or the sender's NCPDPID
+    Column("prescription", String(200)),  # "MedicationRequest/{id}" when the message is about one
+    Column("patient_key", String(200)),
+    Column("status", String(40), nullable=False),  # received, sent, accepted, rejected, error, ...
+    Column("detail", Text),
+    Column("body", LargeBinary, nullable=False),
+    Index("ix_message_message_id", "protocol", "message_id"),
+    Index("ix_message_relates_to", "protocol", "relates_to"),
+    Index("ix_message_prescription", "prescription", "id"),
+    sqlite_autoincrement=True,
+)

@@ -13,6 +13,9 @@ from iop_fhir.store.migrations import MIGRATIONS, Migration, SchemaTooNew, curre
 from iop_fhir.store.tables import metadata, schema_version
 
 
+HEAD = MIGRATIONS[-1].version
+
+
 def versions(store: Store) -> list[int]:
     with store.engine.connect() as conn:
         return list(conn.scalars(select(schema_version.c.version).order_by(schema_version.c.version)))
@@ -50,10 +53,10 @@ def test_pending_migrations_run_once_in_order(fresh: Store) -> None:
         applied.append(3)
         conn.execute(text("CREATE INDEX ix_outbox_note ON outbox (note)"))
 
-    later = (*MIGRATIONS, Migration(2, "outbox note", add_column), Migration(3, "index it", add_index))
-    assert migrate(store.engine, later) == 3
-    assert migrate(store.engine, later) == 3
-    assert applied == [2, 3] and current_version(store.engine) == 3
+    later = (*MIGRATIONS, Migration(HEAD + 1, "outbox note", add_column), Migration(HEAD + 2, "index it", add_index))
+    assert migrate(store.engine, later) == HEAD + 2
+    assert migrate(store.engine, later) == HEAD + 2
+    assert applied == [2, 3] and current_version(store.engine) == HEAD + 2
     assert "note" in {c["name"] for c in inspect(store.engine).get_columns("outbox")}
     with pytest.raises(SchemaTooNew):
         migrate(store.engine)
@@ -67,9 +70,30 @@ def test_a_failing_migration_leaves_the_schema_as_it_was(fresh: Store) -> None:
         raise RuntimeError("step failed")
 
     with pytest.raises(RuntimeError):
-        migrate(store.engine, (*MIGRATIONS, Migration(2, "broken", half)))
-    assert current_version(store.engine) == 1
+        migrate(store.engine, (*MIGRATIONS, Migration(HEAD + 1, "broken", half)))
+    assert current_version(store.engine) == HEAD
     assert "note" not in {c["name"] for c in inspect(store.engine).get_columns("outbox")}
+
+
+def test_a_baseline_database_is_brought_to_the_head(tmp_path) -> None:
+    """A database made by release 1 (baseline only) gains the later tables on open."""
+    from sqlalchemy import delete
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    store = Store.open(url)
+    with store.engine.begin() as conn:
+        for step in MIGRATIONS[1:]:
+            conn.execute(delete(schema_version).where(schema_version.c.version == step.version))
+        conn.execute(text("DROP TABLE sync_cursor"))
+        conn.execute(text("DROP TABLE message"))
+    assert current_version(store.engine) == 1
+    store.close()
+    store = Store.open(url)
+    try:
+        assert current_version(store.engine) == HEAD
+        assert {"sync_cursor", "message"} <= set(inspect(store.engine).get_table_names())
+    finally:
+        store.close()
 
 
 def test_sqlite_settings(tmp_path) -> None:

@@ -46,7 +46,7 @@ def test_rows_are_written_with_each_change(store: Store, make_patient) -> None:
 def test_the_router_decides_when_the_caller_does_not(open_store: Callable[..., Store], make_patient) -> None:
     seen = []
 
-    def router(resource_type: str, resource: dict) -> list[str]:
+    def router(resource_type: str, resource: dict, patient_key: str | None) -> list[str]:
         seen.append((resource_type, resource.get("id")))
         return ["ehr"] if resource_type == "Patient" else []
 
