@@ -47,16 +47,36 @@ transaction / batch                         each entry as above; a refusal names
                                             ``Bundle.entry[i]``
 ``POST``/``PUT /iop/records``               ``c`` + ``u`` on every type a record maps to
 ``GET /iop/records…``                       ``r`` (and ``s`` for a list) on those types
+                                            (``…/reconciliation`` also MedicationStatement and
+                                            MedicationDispense, ``…/discharge`` Bundle)
+``/admin/…`` (the sync queue, the NCPDP     ``cruds`` on ``*``: ``system/*.cruds`` (v1
+message store)                              ``system/*.*``)
+``POST /ncpdp`` (a pharmacy's message)      ``c`` on MedicationDispense
 =========================================  =====================================================
 
 ``patient/`` scopes need the token's patient (claim ``patient``, or a ``Patient/…`` reference
-in ``fhirContext``) and are honoured only where the hook can see that the request stays in
-that patient's compartment: reading (read, vread, history) ``Patient/{that id}``; searches
-pinned to the patient (``patient=`` or ``subject=Patient/…``; ``_id=`` for Patient) without
-``_include``, ``_revinclude``, ``_has`` or chained parameters; and that patient's
-``$everything`` / ``$medication-history``. Anything else (reading another resource by id,
-writes, transactions, ``/iop``) needs ``user/`` or ``system/`` scopes. Confining reads by id
-and writes to the compartment would need the handlers' results, which this hook does not see.
+in ``fhirContext``); without one they grant no resource access at all. With one they cover
+that patient's compartment: the Patient itself and every resource whose ``patient`` search
+parameter names it (:func:`compartment_patients`, the rule the store's index applies).
+
+* Where the URL pins a patient (``Patient/{id}``; a search with ``patient=``,
+  ``subject=Patient/…`` or, for Patient, ``_id=``; ``$everything`` / ``$medication-history``)
+  this hook checks it: another patient is a 403 here.
+* Everything else a compartment can confine passes the hook *confined*
+  (:class:`Confinement`, kept for the request), and the handler that sees the stored
+  resources enforces it: read, vread and instance history show only what lies in the
+  compartment (a version outside is a 403, a history leaves it out); searches are answered
+  with the patient added to their criteria; ``_include`` / ``_revinclude`` leave out what
+  lies outside; create, update, patch and delete write only resources in that patient's
+  compartment and no other patient's, checked on the version replaced and the version
+  stored inside the write's own unit of work (a refusal rolls it back); transaction and
+  batch entries each on their own.
+* Practitioner, PractitionerRole and Organization (and Location, Medication) belong to no
+  patient: ``r`` / ``s`` on them (or on ``*``) under ``patient/`` scopes read and search
+  them all, so that a patient's app can resolve the references in its records (US Core
+  expects that); ``patient/`` scopes never write them.
+* What cannot be confined (type and system history, other operations, ``/iop``) needs
+  ``user/`` or ``system/`` scopes.
 
 Public without a token: ``/fhir/metadata``, ``/.well-known/smart-configuration`` (also under
 ``/fhir``), ``/healthz``, ``/readyz``, ``/iop/schema``. ``AUTH = "off"`` (development only)
@@ -71,7 +91,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -80,14 +100,16 @@ import jwt
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from iop_fhir.config import ConfigError
-from iop_fhir.errors import IopFhirError, Issue
-from iop_fhir.store.search_index import PARAMETERS, search_parameters
+from iop_fhir.errors import Gone, IopFhirError, Issue, NotFound
+from iop_fhir.store import Saved, Store, UnitOfWork
+from iop_fhir.store.search_index import PARAMETERS, index_rows, search_parameters
 
 log = logging.getLogger(__name__)
 
 SECURITY_KEY = "iop_fhir.security"
 VERIFIER_KEY = "iop_fhir.auth.verifier"
 READS_KEY = "iop_fhir.auth.operation_reads"
+_CONFINED = "iop_fhir_confined"  # g: where the request is confined to a patient's compartment
 
 LEEWAY = 30  # seconds of clock skew allowed on exp / nbf / iat
 JWKS_TIMEOUT = 5.0  # seconds for fetching JWKS_URL
@@ -112,6 +134,9 @@ IOP_TYPES = (
     "CarePlan", "CareTeam", "Condition", "Consent", "Encounter", "EpisodeOfCare", "Goal", "MedicationRequest",
     "Observation", "Organization", "Patient", "Practitioner", "PractitionerRole", "Provenance", "Task",
 )  # fmt: skip
+# The record views (/iop/records/{id}/{view}) also show outside medications pulled from EHRs,
+# and the discharge package Bundle.
+IOP_VIEW_TYPES = {"reconciliation": ("MedicationStatement", "MedicationDispense"), "discharge": ("Bundle",)}
 # Types a patient's compartment holds here: those with a ``patient`` search parameter.
 COMPARTMENT_TYPES = tuple(sorted(t for t in PARAMETERS if "patient" in search_parameters(t)))
 PARTIES = ("Practitioner", "PractitionerRole", "Organization")
@@ -125,9 +150,12 @@ OPERATION_READS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 TOKEN_ONLY_OPERATIONS = frozenset({"validate"})
-# Search parameters that reach outside the resources matched, so a search using them is not
-# confined to one patient's compartment.
-_UNCONFINED = ("_include", "_revinclude", "_has", "_type", "_contained")
+# Who and what records point at without being any patient's: patient/ scopes read them all.
+# (Location and Medication are not served today; listed so serving them needs no new rule.)
+DIRECTORY_TYPES = frozenset({*PARTIES, "Location", "Medication"})
+# The types a patient/ scope can be confined to: the patient's own compartment, or "*".
+_CONFINABLE = frozenset({"Patient", "*", *COMPARTMENT_TYPES})
+_INCLUDES = ("_include", "_revinclude")  # the interaction of the needs of what these add to a page
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -247,6 +275,11 @@ class Client:
             purpose_of_use=_codes(claims.get("purpose_of_use", claims.get("purposeOfUse"))),
             claims=dict(claims),
         )
+
+    @property
+    def patient_scoped(self) -> bool:
+        """Some of the token's grants are ``patient/`` scopes."""
+        return any(grant.context == "patient" for grant in self.grants)
 
 
 DEVELOPMENT_CLIENT = Client(
@@ -494,9 +527,11 @@ class TokenVerifier:
 class Need:
     """Permission letters a request needs on one resource type.
 
-    :param patient: set when the request provably stays in that patient's compartment, so a
-        ``patient/`` scope for that patient may grant it.
+    :param patient: the patient the URL pins the request to (``Patient/{id}``, ``patient=``),
+        so a ``patient/`` scope may grant it when that is the token's patient.
     :param location: where in the request the need comes from (``Bundle.entry[3]``).
+    :param confined: the handler can confine the interaction to a patient's compartment
+        (it sees the resources), so a ``patient/`` scope may grant it without a pin.
     """
 
     resource_type: str  # a type, or "*" for system-wide interactions
@@ -504,6 +539,7 @@ class Need:
     interaction: str
     location: str = ""
     patient: str | None = None
+    confined: bool = False
 
 
 def is_public(path: str) -> bool:
@@ -540,14 +576,18 @@ def classify(
         return _fhir_needs(method, segments[1:], params, bool(headers.get("If-None-Exist")), reads)
     if segments[:1] == ["iop"]:
         return _iop_needs(method, segments[1:])
+    if segments[:1] == ["admin"]:  # the sync queue: requeueing re-sends anyone's records
+        return [Need("*", "cruds", "administration")]
+    if segments == ["ncpdp"]:  # a pharmacy (a system client) sends SCRIPT: its fills become MedicationDispenses
+        return [Need("MedicationDispense", "c", "NCPDP SCRIPT message")]
     return []  # an unknown path: a valid token, then the router answers 404
 
 
 def _fhir_needs(
     method: str, segments: list[str], params: Params, if_none_exist: bool, reads: Reads, location: str = ""
 ) -> list[Need]:
-    def need(resource_type: str, permissions: str, interaction: str, patient: str | None = None) -> list[Need]:
-        return [Need(resource_type, permissions, interaction, location, patient)]
+    def need(resource_type: str, permissions: str, interaction: str, patient: str | None = None, *, confined: bool = False) -> list[Need]:
+        return [Need(resource_type, permissions, interaction, location, patient, confined)]
 
     if not segments:  # the base: whole-system search
         return need("*", "s", "search-system")
@@ -561,21 +601,25 @@ def _fhir_needs(
     if not _TYPE.fullmatch(first):
         return need("*", "cruds", "unknown")  # the router answers 404; only full access gets that far
     rtype = first
+    # Below, confined=True marks what the handlers confine to a compartment (see the module doc).
     if not rest:
         if method == "GET":
-            return need(rtype, "s", "search-type", _pinned_patient(rtype, params)) + _include_needs(params, location)
+            search = need(rtype, "s", "search-type", _pinned_patient(rtype, params), confined=True)
+            return search + _include_needs(params, location)
         if method == "POST":
-            return need(rtype, "cs" if if_none_exist else "c", "conditional create" if if_none_exist else "create")
+            if if_none_exist:
+                return need(rtype, "cs", "conditional create", confined=True)
+            return need(rtype, "c", "create", confined=True)
         if method == "PUT":
-            return need(rtype, "cu", "conditional update")
+            return need(rtype, "cu", "conditional update", confined=True)
         if method == "PATCH":
-            return need(rtype, "us", "conditional patch")
+            return need(rtype, "us", "conditional patch", confined=True)
         if method == "DELETE":
-            return need(rtype, "ds", "conditional delete")
+            return need(rtype, "ds", "conditional delete", confined=True)
         return need(rtype, "cruds", method.lower())
     second = rest[0]
     if second == "_search":
-        return need(rtype, "s", "search-type", _pinned_patient(rtype, params)) + _include_needs(params, location)
+        return need(rtype, "s", "search-type", _pinned_patient(rtype, params), confined=True) + _include_needs(params, location)
     if second == "_history":
         return need(rtype, "r", "history-type")
     if second.startswith("$"):
@@ -584,9 +628,9 @@ def _fhir_needs(
     if len(rest) == 1:
         interaction = {"GET": "read", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
         permission = {"read": "r", "update": "u", "patch": "u", "delete": "d"}.get(interaction or "", "cruds")
-        return need(rtype, permission, interaction or method.lower(), own if interaction == "read" else None)
+        return need(rtype, permission, interaction or method.lower(), own, confined=interaction is not None)
     if rest[1] == "_history":
-        return need(rtype, "r", "vread" if len(rest) > 2 else "history-instance", own)
+        return need(rtype, "r", "vread" if len(rest) > 2 else "history-instance", own, confined=True)
     if rest[1].startswith("$"):
         return _operation_needs(rest[1][1:], rtype, second, reads, location)
     return need(rtype, "cruds", "unknown")
@@ -613,30 +657,30 @@ def operation_reads(registry: Iterable[Mapping[str, Any]]) -> Reads:
 
 def _include_needs(params: Params, location: str) -> list[Need]:
     """``r`` on what ``_include`` / ``_revinclude`` add to a page: the named target type, else the
-    parameter's targets, else every type (``*``)."""
+    parameter's targets, else every type (``*``). Confined: the page leaves out what lies outside."""
     needs = []
     for name, value in params:
         kind = name.split(":", 1)[0]
-        if kind not in ("_include", "_revinclude"):
+        if kind not in _INCLUDES:
             continue
         parts = value.split(":")
         if len(parts) < 2 or not _TYPE.fullmatch(parts[0]):
-            needs.append(Need("*", "r", kind, location))
+            needs.append(Need("*", "r", kind, location, confined=True))
         elif kind == "_revinclude":
-            needs.append(Need(parts[0], "r", kind, location))
+            needs.append(Need(parts[0], "r", kind, location, confined=True))
         else:
             known = search_parameters(parts[0]).get(parts[1])
             targets = parts[2:3] or (known.targets if known is not None else ()) or ("*",)
-            needs += [Need(t, "r", kind, location) for t in targets]
+            needs += [Need(t, "r", kind, location, confined=True) for t in targets]
     return needs
 
 
 def _pinned_patient(rtype: str, params: Params) -> str | None:
-    """The patient id a search is confined to, or None when it may reach beyond one patient."""
+    """The one patient a search names (``patient=``, ``subject=Patient/…``, for Patient ``_id=``),
+    or None when it names none or several. Other parameters only narrow the matches further
+    (``_include`` and ``_revinclude`` are confined on their own)."""
     pinned: set[str] = set()
     for name, value in params:
-        if name.startswith(_UNCONFINED) or "." in name:
-            return None
         if rtype == "Patient" and name == "_id":
             pinned.add(value)
         elif rtype != "Patient" and name == "patient" and "patient" in search_parameters(rtype):
@@ -681,7 +725,10 @@ def _iop_needs(method: str, segments: list[str]) -> list[Need]:
         permissions, interaction = ("r", "read IOP record") if len(segments) > 1 else ("rs", "list IOP records")
     else:
         permissions, interaction = "cu", "write IOP record"
-    return [Need(t, permissions, interaction) for t in IOP_TYPES]
+    needs = [Need(t, permissions, interaction) for t in IOP_TYPES]
+    if method == "GET" and len(segments) == 3:  # /iop/records/{id}/{view}: what the view shows besides
+        needs += [Need(t, "r", f"read IOP record {segments[2]}") for t in IOP_VIEW_TYPES.get(segments[2], ())]
+    return needs
 
 
 # --- the check ---------------------------------------------------------------------------------
@@ -693,30 +740,218 @@ def authorize(client: Client, needs: Iterable[Need]) -> None:
     if not missing:
         return
     issues, wanted = [], []
-    patient_scoped = any(g.context == "patient" for g in client.grants)
     for need in missing:
-        absent = "".join(p for p in need.permissions if not _granted(client, Need(need.resource_type, p, "", "", need.patient)))
+        absent = "".join(p for p in need.permissions if not _granted(client, replace(need, permissions=p)))
         scope = f"system/{need.resource_type}.{absent}"
         wanted.append(scope)
         message = f"{need.interaction} on {need.resource_type} needs the scope {scope} (or user/{need.resource_type}.{absent})"
-        if patient_scoped and need.patient is None:
-            message += "; patient/ scopes cover only the token's patient's own record, searches pinned to it, and its $everything"
-        elif patient_scoped and client.patient is None:
-            message += "; the token's patient/ scopes have no patient in context"
+        if client.patient_scoped:
+            message += f"; {_beyond_patient_scopes(client, need, absent)}"
         issues.append(Issue(f"{need.location}: {message}" if need.location else message, location=need.location, code="forbidden"))
     where = f" ({len(missing)} of the request's needs)" if len(missing) > 1 else ""
     raise Forbidden(f"the token's scopes do not allow this request{where}: {issues[0].message}", issues, wanted)
 
 
-def _granted(client: Client, need: Need) -> bool:
+def _granted(client: Client, need: Need, *, patient_scopes: bool = True) -> bool:
+    """Whether the client's grants cover every letter of ``need`` (``patient_scopes=False``:
+    without its ``patient/`` grants)."""
     return all(
         any(
             grant.permits(need.resource_type, permission)
-            and (grant.context != "patient" or (need.patient is not None and need.patient == client.patient))
+            and (grant.context != "patient" or (patient_scopes and _patient_may(client, need, permission)))
             for grant in client.grants
         )
         for permission in need.permissions
     )
+
+
+def _patient_may(client: Client, need: Need, permission: str) -> bool:
+    """Whether a ``patient/`` grant of the right type and letter may cover ``need`` (module doc)."""
+    if client.patient is None:
+        return False
+    if need.patient is not None:
+        return need.patient == client.patient
+    if not need.confined:
+        return False
+    if need.resource_type in DIRECTORY_TYPES:
+        return permission in "rs"
+    return need.resource_type in _CONFINABLE
+
+
+def _beyond_patient_scopes(client: Client, need: Need, absent: str) -> str:
+    """Why the token's ``patient/`` scopes do not cover ``need``, for the 403's message."""
+    if client.patient is None:
+        return "the token's patient/ scopes have no patient in context"
+    compartment = f"Patient/{client.patient}'s compartment"
+    if need.patient is not None and need.patient != client.patient:
+        return f"the token's patient/ scopes cover only {compartment}, not Patient/{need.patient}'s"
+    if need.resource_type in DIRECTORY_TYPES and any(p in "cud" for p in absent):
+        return f"patient/ scopes read {need.resource_type} but never write it"
+    if not need.confined or need.resource_type not in _CONFINABLE | DIRECTORY_TYPES:
+        return f"patient/ scopes cover only {compartment}, and {need.interaction} on {need.resource_type} cannot be confined to it"
+    return f"the token's patient/ scopes (for {compartment}) do not grant it either"
+
+
+def confine(client: Client, needs: Iterable[Need]) -> dict[str, Confinement]:
+    """For an authorised request: where it relies on ``patient/`` grants for needs the handlers
+    confine, the :class:`Confinement` they must apply, by location (``""``, ``Bundle.entry[i]``).
+
+    Needs pinned by the URL were checked here already, directory types are open to the
+    patient's app, and needs ``user/`` or ``system/`` grants cover are not confined at all.
+    """
+    if client.patient is None:
+        return {}
+    found: dict[str, tuple[set[str], set[str]]] = {}  # location -> (types, included types)
+    for need in needs:
+        if (
+            need.confined
+            and need.patient is None
+            and need.resource_type not in DIRECTORY_TYPES
+            and not _granted(client, need, patient_scopes=False)
+        ):
+            types, included = found.setdefault(need.location, (set(), set()))
+            (included if need.interaction in _INCLUDES else types).add(need.resource_type)
+    return {
+        where: Confinement(client.patient, frozenset(types), frozenset(included)) for where, (types, included) in found.items()
+    }
+
+
+# --- patient compartments ----------------------------------------------------------------------
+
+Ops = Store | UnitOfWork
+# The permission letter of a write interaction, for the scope a refusal names.
+_WRITE_LETTERS = {"create": "c", "update": "u", "patch": "u", "delete": "d"}
+
+
+def compartment_patients(resource_type: str, resource: Mapping[str, Any]) -> frozenset[str]:
+    """The ids of the patients whose compartment holds ``resource``: a Patient's own id, else
+    the Patients its ``patient`` search parameter names, read by the store's own indexing
+    (so exactly what ``patient=`` finds; ``search_index.patient_key`` is the first of them).
+    Empty for types that name no patient."""
+    if resource_type == "Patient":
+        own = resource.get("id")
+        return frozenset({own}) if isinstance(own, str) and own else frozenset()
+    if "patient" not in search_parameters(resource_type):
+        return frozenset()
+    rows = index_rows(resource_type, str(resource.get("id") or ""), dict(resource))["reference"]
+    return frozenset(row["ref_id"] for row in rows if row["param"] == "patient" and row["ref_type"] == "Patient")
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """A request, or one Bundle entry, that only ``patient/`` scopes allow: what it reads and
+    writes of ``types`` must lie in ``patient``'s compartment (see the module doc).
+
+    The handlers apply it where they see stored resources: :meth:`criteria` on a search's or
+    a conditional write's criteria, :meth:`check` on what a read found or a write stored,
+    :meth:`shows` to leave out of a page what lies outside.
+    """
+
+    patient: str
+    types: frozenset[str]  # what only patient/ grants let this request read or write
+    included: frozenset[str] = frozenset()  # the same for its _include / _revinclude results ("*": any type)
+
+    def covers(self, resource_type: str, *, included: bool = False) -> bool:
+        """Whether ``resource_type`` is confined here (``included``: as an ``_include`` /
+        ``_revinclude`` result, which the searched type's grants do not open)."""
+        if resource_type in self.types:
+            return True
+        return included and (resource_type in self.included or "*" in self.included)
+
+    def criteria(
+        self, resource_type: str, criteria: Iterable[tuple[str, str]], *, every_type: bool = False
+    ) -> list[tuple[str, str]]:
+        """``criteria`` narrowed to the compartment (a search, a conditional write's match,
+        ``If-None-Exist``): the patient is added, so paging and totals stay the store's.
+
+        :param every_type: confine it even where the type is not among ``types`` (a
+            conditional reference inside a resource, which no scope was asked about).
+        """
+        pairs = list(criteria)
+        if not (every_type or self.covers(resource_type)) or resource_type in DIRECTORY_TYPES:
+            return pairs
+        if resource_type == "Patient":
+            return [*pairs, ("_id", self.patient)]
+        if "patient" in search_parameters(resource_type):
+            return [*pairs, ("patient", f"Patient/{self.patient}")]
+        raise self._refusal(resource_type, f"searching {resource_type}", "r", f"a {resource_type} names no patient")
+
+    def admits(self, resource_type: str, resource: Mapping[str, Any], *, write: bool = False, included: bool = False) -> bool:
+        """Whether the compartment holds ``resource``: to read it, the patient is among those
+        it names (directory types: always); to write it, the patient is the only one it names."""
+        if not self.covers(resource_type, included=included):
+            return True
+        if resource_type in DIRECTORY_TYPES:
+            return not write
+        patients = compartment_patients(resource_type, resource)
+        return patients == {self.patient} if write else self.patient in patients
+
+    def shows(self, ops: Ops, saved: Saved, *, included: bool = False) -> bool:
+        """Whether a page (a history; with ``included``, a search's includes) may show this
+        version. A deletion carries no content: it is shown when the version it ended was."""
+        if not self.covers(saved.resource_type, included=included):
+            return True
+        if not saved.deleted:
+            return self.admits(saved.resource_type, saved.resource, included=included)
+        try:
+            ended = ops.vread(saved.resource_type, saved.id, saved.version - 1)
+        except (NotFound, Gone):
+            return False
+        return self.admits(saved.resource_type, ended.resource, included=included)
+
+    def check(self, ops: Ops, saved: Saved | None, interaction: str) -> None:
+        """Refuse (403) what a read found or a write did outside the compartment.
+
+        A write that stored a version is checked on the version it replaced ("is") and on the
+        version it stored ("stays"): call this inside the write's unit of work, so that a
+        refusal rolls the write back, and the version checked is the one the write replaced.
+        A read, or a write that changed nothing, is checked as a read. Refusals never say whose
+        a stored resource is: that would tell a patient's app about other patients.
+
+        :param interaction: ``read``, ``vread``, ``create``, ``update``, ``patch``, ``delete``.
+        """
+        if saved is None or not self.covers(saved.resource_type):
+            return
+        rtype, what = saved.resource_type, f"{interaction} of {saved.reference}"
+        letter = _WRITE_LETTERS.get(interaction.rsplit(" ", 1)[-1], "r")
+        if not saved.changed:
+            if not saved.deleted and not self.admits(rtype, saved.resource):
+                raise self._refusal(rtype, what, letter, f"it is not in Patient/{self.patient}'s compartment")
+            return
+        if not saved.created:
+            replaced = ops.vread(rtype, saved.id, saved.version - 1)
+            if not self.admits(rtype, replaced.resource, write=True):
+                raise self._refusal(rtype, what, letter, f"it is not Patient/{self.patient}'s alone", write=True)
+        if not saved.deleted and not self.admits(rtype, saved.resource, write=True):
+            # the version the client sent: saying whom it names tells it nothing new
+            patients = sorted(compartment_patients(rtype, saved.resource))
+            whose = ", ".join(f"Patient/{p}" for p in patients) or "no patient"
+            raise self._refusal(rtype, what, letter, f"the resource names {whose}", write=True)
+
+    def _refusal(self, resource_type: str, what: str, letter: str, why: str, *, write: bool = False) -> Forbidden:
+        scope = f"system/{resource_type}.{letter}"
+        if write:
+            rule = f"patient/ scopes write only what belongs to Patient/{self.patient} alone"
+        else:
+            rule = f"patient/ scopes reach only Patient/{self.patient}'s compartment"
+        message = f"{what}: {why}; {rule} (or use {scope} or user/{resource_type}.{letter})"
+        location = ""  # a write is refused at the element naming the patient
+        if write:
+            path = search_parameters(resource_type).get("patient")
+            location = "Patient.id" if resource_type == "Patient" else f"{resource_type}.{path.paths[0]}" if path else ""
+        return Forbidden(message, [Issue(message, location=location, code="forbidden")], [scope])
+
+
+def confinement(location: str = "") -> Confinement | None:
+    """How the current request (``location=""``) or one of its Bundle entries
+    (``"Bundle.entry[2]"``) is confined; None when its scopes allow it unconfined."""
+    found: dict[str, Confinement] | None = g.get(_CONFINED)
+    return None if found is None else found.get(location)
+
+
+def confinements() -> dict[str, Confinement]:
+    """Every confinement of the current request, by location (for a Bundle's entries)."""
+    return dict(g.get(_CONFINED) or {})
 
 
 def _bearer_token() -> str:
@@ -756,8 +991,12 @@ def check_request() -> None:
     reads = app.extensions.get(READS_KEY)
     if reads is None:  # the operations registry is complete once every blueprint is registered
         reads = app.extensions[READS_KEY] = operation_reads(app.extensions.get("iop_fhir.operations", ()))
-    needs = classify(request.method, request.path, _request_params(), request.headers, _parsed_body, reads)
-    authorize(client, needs or ())
+    needs = classify(request.method, request.path, _request_params(), request.headers, _parsed_body, reads) or []
+    authorize(client, needs)
+    if client.patient_scoped:
+        confined = confine(client, needs)
+        if confined:
+            setattr(g, _CONFINED, confined)
 
 
 # --- SMART configuration and the CapabilityStatement's security -----------------------------------
@@ -779,7 +1018,7 @@ def smart_configuration(settings: Mapping[str, Any]) -> dict[str, Any]:
         config["token_endpoint_auth_methods_supported"] = ["private_key_jwt"]
         config["token_endpoint_auth_signing_alg_values_supported"] = list(ASYMMETRIC)
     config["grant_types_supported"] = ["client_credentials"]
-    config["scopes_supported"] = ["system/*.cruds", "system/*.rs", "user/*.cruds", "user/*.rs", "patient/*.rs", "patient/Patient.r"]
+    config["scopes_supported"] = ["system/*.cruds", "system/*.rs", "user/*.cruds", "user/*.rs", "patient/*.cruds", "patient/*.rs", "patient/Patient.r"]
     config["capabilities"] = ["permission-v2", "permission-v1"]
     return config
 
@@ -798,7 +1037,8 @@ def security_statement(settings: Mapping[str, Any]) -> dict[str, Any]:
         ],
         "description": (
             "Bearer JWT access tokens with SMART v2 scopes (system/, user/, patient/ with .cruds; v1 .read/.write accepted), "
-            "checked per interaction and resource type; see /.well-known/smart-configuration."
+            "checked per interaction and resource type; patient/ scopes reach only the compartment of the token's "
+            "patient (and read Practitioner, PractitionerRole, Organization); see /.well-known/smart-configuration."
         ),
     }
     if settings.get("TOKEN_URL"):

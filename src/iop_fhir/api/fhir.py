@@ -18,7 +18,10 @@ Decisions, where R4 leaves a choice:
 * JSON Patch: a failed ``test`` operation, or a path the resource does not have, is 422 (RFC 5789
   §2.2: the patch is understood but cannot be applied to this content); 412 stays for ``If-Match``.
   Patching ``id`` or ``resourceType`` (or the whole document) is 422 as well;
-* reads serve the stored bytes for JSON as they are: no parse, no validation.
+* reads serve the stored bytes for JSON as they are: no parse, no validation;
+* under ``patient/`` scopes (:class:`~iop_fhir.api.auth.Confinement`) reads check the version
+  they found, searches and conditional writes get the patient added to their criteria, and
+  writes run in a unit of work that checks the version replaced and the version stored.
 """
 
 from __future__ import annotations
@@ -35,12 +38,12 @@ import jsonpointer
 from flask import Blueprint, Response, current_app, request
 from werkzeug.http import http_date, parse_date
 
-from iop_fhir.api import capability, search, store
+from iop_fhir.api import auth, capability, search, store
 from iop_fhir.api.capability import Interaction
 from iop_fhir.api.negotiate import read_body, respond, response_format
-from iop_fhir.errors import IopFhirError, Issue, NotFound, PreconditionFailed, UnsupportedFormat, operation_outcome
+from iop_fhir.errors import Gone, IopFhirError, Issue, NotFound, PreconditionFailed, UnsupportedFormat, operation_outcome
 from iop_fhir.formats.fhir_validate import require_valid
-from iop_fhir.store import Saved
+from iop_fhir.store import Saved, Store, UnitOfWork
 from iop_fhir.store.search_index import PARAMETERS
 
 JSON = dict[str, Any]
@@ -190,7 +193,38 @@ def _criteria(resource_type: str, pairs: list[tuple[str, str]] | None = None) ->
     if not criteria:
         message = f"a conditional write to {resource_type} needs search criteria (e.g. ?identifier=system|value)"
         raise InvalidRequest(message, [Issue(message, code="required")])
-    return criteria
+    confined = auth.confinement()
+    return criteria if confined is None else confined.criteria(resource_type, criteria)
+
+
+def _shown(saved: Saved, interaction: str) -> Saved:
+    """``saved``, once a read under ``patient/`` scopes may show it (403 otherwise)."""
+    confined = auth.confinement()
+    if confined is not None:
+        confined.check(store(), saved, interaction)
+    return saved
+
+
+def _write(resource_type: str, interaction: str, write: Callable[[Store | UnitOfWork], Saved], id: str | None = None) -> Saved:
+    """Run one write. Under ``patient/`` scopes it runs in a unit of work that checks what it
+    replaced and what it stored (a refusal stores nothing); with ``id``, the resource there is
+    checked first, so neither a 403 nor a 412 tells anything of another patient's resource."""
+    confined = auth.confinement()
+    if confined is None or not confined.covers(resource_type):
+        return write(store())
+    with store().unit() as uow:
+        if id is not None:
+            confined.check(uow, _current(uow, resource_type, id), interaction)
+        saved = write(uow)
+        confined.check(uow, saved, interaction)
+    return saved
+
+
+def _current(ops: Store | UnitOfWork, resource_type: str, id: str) -> Saved | None:
+    try:
+        return ops.read(resource_type, id)
+    except (NotFound, Gone):
+        return None
 
 
 def _version_headers(saved: Saved) -> dict[str, str]:
@@ -237,7 +271,7 @@ def _written(saved: Saved, status: int, fmt: str) -> Response:
 @_interaction("/<resource_type>/<id>", "GET", "read", "instance", conditional=True)
 def read(resource_type: str, id: str) -> Response:
     fmt = _start(resource_type)
-    return _serve(store().read(resource_type, id), fmt)
+    return _serve(_shown(store().read(resource_type, id), "read"), fmt)
 
 
 @_interaction("/<resource_type>/<id>/_history/<vid>", "GET", "vread", "instance")
@@ -245,7 +279,7 @@ def vread(resource_type: str, id: str, vid: str) -> Response:
     fmt = _start(resource_type)
     if not vid.isdigit():
         raise NotFound(f"{resource_type}/{id} has no version {vid!r} (versions are numbers)")
-    return _serve(store().vread(resource_type, id, int(vid)), fmt)
+    return _serve(_shown(store().vread(resource_type, id, int(vid)), "vread"), fmt)
 
 
 # --- create, update, patch -----------------------------------------------------------------------
@@ -261,7 +295,7 @@ def create(resource_type: str) -> Response:
     require_valid(resource)
     condition = request.headers.get("If-None-Exist", "").strip()
     criteria = _criteria(resource_type, _query_pairs(condition)) if condition else None
-    saved = store().create(resource, if_none_exist=criteria)
+    saved = _write(resource_type, "create", lambda ops: ops.create(resource, if_none_exist=criteria))
     return _written(saved, 201 if saved.created else 200, fmt)
 
 
@@ -281,7 +315,8 @@ def update(resource_type: str, id: str) -> Response:
         code = "required" if given is None else "value"
         raise InvalidRequest(message, [Issue(message, location=f"{resource_type}.id", code=code)])
     require_valid(resource)
-    saved = store().update(resource_type, id, resource, if_match=_if_match())
+    wanted = _if_match()
+    saved = _write(resource_type, "update", lambda ops: ops.update(resource_type, id, resource, if_match=wanted), id)
     return _written(saved, 201 if saved.created else 200, fmt)
 
 
@@ -292,7 +327,8 @@ def conditional_update(resource_type: str) -> Response:
     criteria = _criteria(resource_type)
     resource = _incoming(resource_type)
     require_valid(resource)
-    saved = store().conditional_update(resource_type, criteria, resource, if_match=_if_match())
+    wanted = _if_match()
+    saved = _write(resource_type, "update", lambda ops: ops.conditional_update(resource_type, criteria, resource, if_match=wanted))
     return _written(saved, 201 if saved.created else 200, fmt)
 
 
@@ -303,14 +339,15 @@ def patch(resource_type: str, id: str) -> Response:
     operations = _json_patch_document()
     wanted = _if_match()
     for attempt in range(PATCH_ATTEMPTS):
-        current = store().read(resource_type, id)
+        current = _shown(store().read(resource_type, id), "patch")
         if wanted is not None and current.version != wanted:
             raise _stale(wanted, current)
         patched = _apply_patch(current.resource, operations, resource_type, id)
         require_valid(patched)
         try:
             # the version just read: a write in between is a conflict, never silently overwritten
-            saved = store().update(resource_type, id, patched, if_match=current.version)
+            version = current.version
+            saved = _write(resource_type, "patch", lambda ops: ops.update(resource_type, id, patched, if_match=version))
         except PreconditionFailed:
             if wanted is not None or attempt == PATCH_ATTEMPTS - 1:
                 raise
@@ -373,12 +410,17 @@ _FIXED = ([""], ["", "id"], ["", "resourceType"])
 def delete(resource_type: str, id: str) -> Response:
     fmt = _start(resource_type)
     wanted = _if_match()
+    confined = auth.confinement()
     try:
         with store().unit() as uow:
             current = uow.read(resource_type, id) if wanted is not None else None
+            if confined is not None:
+                confined.check(uow, current, "delete")  # before a 412 could tell its version
             if current is not None and current.version != wanted:
                 raise _stale(wanted, current)
             saved = uow.delete(resource_type, id)
+            if confined is not None:
+                confined.check(uow, saved, "delete")
     except NotFound:
         if wanted is not None:
             raise
@@ -391,12 +433,15 @@ def conditional_delete(resource_type: str) -> Response:
     """``DELETE Type?criteria``: deletes the one match; several matches are 412 (``single``)."""
     fmt = _start(resource_type)
     criteria = _criteria(resource_type)
+    confined = auth.confinement()
     with store().unit() as uow:
         matches = uow.search(resource_type, criteria, count=2).entries
         if len(matches) > 1:
             message = f"more than one {resource_type} matches; conditional delete removes one at a time"
             raise PreconditionFailed(message, [Issue(message, code="multiple-matches")])
         saved = uow.delete(resource_type, matches[0].id) if matches else None
+        if confined is not None:
+            confined.check(uow, saved, "delete")
     return _deleted(saved, saved.reference if saved else resource_type, fmt)
 
 
@@ -414,6 +459,8 @@ def _deleted(saved: Saved | None, what: str, fmt: str) -> Response:
 def _history(resource_type: str | None, id: str | None) -> Response:
     fmt = _response_format()
     settings = current_app.config
+    confined = auth.confinement()  # only instance history can be confined (api.auth)
+    st = store()
     bundle = search.history_bundle(
         resource_type,
         id,
@@ -423,6 +470,7 @@ def _history(resource_type: str | None, id: str | None) -> Response:
         strict=_strict(),
         default_count=settings["DEFAULT_COUNT"],
         max_count=settings["MAX_COUNT"],
+        keep=None if confined is None else lambda saved: confined.shows(st, saved),
     )
     return respond(bundle, fmt=fmt)
 
@@ -450,7 +498,13 @@ def _search(resource_type: str, pairs: list[tuple[str, str]]) -> Response:
     parsed = search.SearchRequest.parse(
         resource_type, pairs, strict=_strict(), default_count=settings["DEFAULT_COUNT"], max_count=settings["MAX_COUNT"]
     )
-    return respond(search.search_bundle(parsed, base=_base_url(), fmt=fmt, max_count=settings["MAX_COUNT"]), fmt=fmt)
+    confined = auth.confinement()
+    if confined is not None:  # the patient is added to the criteria, never to the links
+        parsed.criteria = confined.criteria(resource_type, parsed.criteria)
+    st = store()
+    keep = None if confined is None else lambda saved: confined.shows(st, saved, included=True)
+    bundle = search.search_bundle(parsed, base=_base_url(), fmt=fmt, max_count=settings["MAX_COUNT"], keep=keep)
+    return respond(bundle, fmt=fmt)
 
 
 @_interaction("/<resource_type>", "GET", "search-type", "type")

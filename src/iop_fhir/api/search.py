@@ -434,8 +434,15 @@ def _ignored_issues(ignored: list[str]) -> list[Issue]:
     return [Issue(message.format(key), location=key, severity="warning", code="not-supported") for key in ignored]
 
 
-def search_bundle(request: SearchRequest, *, base: str, fmt: str, max_count: int) -> JSON:
-    """Run a parsed search and answer with its searchset Bundle (one page)."""
+Keep = Callable[[Saved], bool]
+
+
+def search_bundle(request: SearchRequest, *, base: str, fmt: str, max_count: int, keep: Keep | None = None) -> JSON:
+    """Run a parsed search and answer with its searchset Bundle (one page).
+
+    :param keep: which ``_include`` / ``_revinclude`` results the page may show (the caller's
+        access rules, :meth:`iop_fhir.api.auth.Confinement.shows`); all when None.
+    """
     resource_type = request.resource_type
     st = store()
     bundle: JSON = {"resourceType": "Bundle", "type": "searchset"}
@@ -470,6 +477,8 @@ def search_bundle(request: SearchRequest, *, base: str, fmt: str, max_count: int
             Issue(message.format(value, max_count, max_count), location="_revinclude", severity="warning", code="too-costly")
             for value in truncated
         )
+    if keep is not None:
+        extra = [s for s in extra if keep(s)]
     seen = {(s.resource_type, s.id) for s in page.entries}
     for saved in extra:
         if (saved.resource_type, saved.id) not in seen:
@@ -496,11 +505,16 @@ def history_bundle(
     strict: bool,
     default_count: int,
     max_count: int,
+    keep: Keep | None = None,
 ) -> JSON:
     """A history Bundle (newest first) of one resource, a type, or everything, one page.
 
     Each entry says what happened: ``request`` (POST for a first version, PUT for a later
     one, DELETE for a deletion) and ``response`` (status, etag, lastModified).
+
+    :param keep: which versions the page may show (the caller's access rules); all when None.
+        Versions left out shorten the page, and the total is then given only for a history
+        that fits on one page.
     """
     used = [(k, v) for k, v in pairs if k in HISTORY_PARAMETERS]
     # A history Bundle has no place for an outcome entry (bdl-2, bdl-3): under lenient handling
@@ -513,12 +527,13 @@ def history_bundle(
     page = store().history(resource_type, id, since=since, count=count, cursor=cursor, total=count == 0)
     path = "/".join(p for p in (resource_type, id, "_history") if p)
     bundle: JSON = {"resourceType": "Bundle", "type": "history"}
-    if page.total is not None:
+    shown = page.entries if keep is None else [s for s in page.entries if keep(s)]
+    if page.total is not None and keep is None:
         bundle["total"] = page.total
-    elif cursor is None and page.next_cursor is None:
-        bundle["total"] = len(page.entries)  # the whole history is on this page: counting is free
+    elif cursor is None and page.next_cursor is None and count > 0:
+        bundle["total"] = len(shown)  # the whole history is on this page: counting is free
     bundle["link"] = _links(base, path, used, page, cursor)
-    entries = [_history_entry(s, base, fmt) for s in page.entries]
+    entries = [_history_entry(s, base, fmt) for s in shown]
     if entries:
         bundle["entry"] = entries
     return bundle

@@ -146,7 +146,7 @@ def test_public_paths_need_no_token(api) -> None:
         assert response.status_code == 200
         assert response.get_json() == {
             "grant_types_supported": ["client_credentials"],
-            "scopes_supported": ["system/*.cruds", "system/*.rs", "user/*.cruds", "user/*.rs", "patient/*.rs", "patient/Patient.r"],
+            "scopes_supported": ["system/*.cruds", "system/*.rs", "user/*.cruds", "user/*.rs", "patient/*.cruds", "patient/*.rs", "patient/Patient.r"],
             "capabilities": ["permission-v2", "permission-v1"],
         }
     for path in ("/fhir/metadata", "/iop/schema"):
@@ -287,15 +287,16 @@ def test_iop_record_bundle_maps_only_to_iop_types(example_json) -> None:
         ("GET", "/fhir/Patient/p1/_history/1", True),
         ("GET", "/fhir/Patient/p2", False),
         ("GET", "/fhir/Patient?_id=p1", True),
-        ("GET", "/fhir/Patient?name=x", False),
+        ("GET", "/fhir/Patient?name=x", True),  # answered with the patient pinned (test_auth_patient.py)
         ("GET", "/fhir/MedicationRequest?patient=p1", True),
         ("GET", "/fhir/MedicationRequest?patient=Patient/p1&status=active", True),
         ("GET", "/fhir/MedicationRequest?subject=Patient/p1", True),
         ("GET", "/fhir/MedicationRequest?patient=p2", False),
-        ("GET", "/fhir/MedicationRequest?patient=p1,p2", False),
-        ("GET", "/fhir/MedicationRequest?patient=p1&_revinclude=Provenance:target", False),
-        ("GET", "/fhir/MedicationRequest/m1", False),  # reads by id are not confined: refused
-        ("PUT", "/fhir/Patient/p1", False),
+        ("GET", "/fhir/MedicationRequest?patient=p1,p2", True),  # restricted to p1
+        ("GET", "/fhir/MedicationRequest?patient=p1&_revinclude=Provenance:target", True),
+        ("GET", "/fhir/MedicationRequest/m1", True),  # confined by the handler (404 here)
+        ("PUT", "/fhir/Patient/p1", False),  # patient/*.rs: no u
+        ("GET", "/fhir/MedicationRequest/_history", False),  # type history cannot be confined
         ("GET", "/fhir/Patient/p1/$medication-history", True),
         ("GET", "/fhir/Patient/p2/$medication-history", False),
     ],
@@ -310,10 +311,10 @@ def test_patient_scopes_confined_to_the_patient_in_context(api, method: str, pat
 
 
 def test_patient_scope_refusal_explains_itself(api) -> None:
-    response = api.get("/fhir/MedicationRequest/m1", headers=bearer(hs256("patient/*.rs", patient="p1")))
+    response = api.get("/fhir/MedicationRequest/_history", headers=bearer(hs256("patient/*.rs", patient="p1")))
     assert outcome(response)["issue"][0]["diagnostics"] == (
-        "read on MedicationRequest needs the scope system/MedicationRequest.r (or user/MedicationRequest.r); "
-        "patient/ scopes cover only the token's patient's own record, searches pinned to it, and its $everything"
+        "history-type on MedicationRequest needs the scope system/MedicationRequest.r (or user/MedicationRequest.r); "
+        "patient/ scopes cover only Patient/p1's compartment, and history-type on MedicationRequest cannot be confined to it"
     )
     without_patient = api.get("/fhir/Patient/p1", headers=bearer(hs256("patient/*.rs")))
     assert outcome(without_patient)["issue"][0]["diagnostics"].endswith("the token's patient/ scopes have no patient in context")
