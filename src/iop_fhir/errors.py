@@ -78,14 +78,32 @@ class ConsentDenied(IopFhirError):
     issue_code = "suppressed"
 
 
-class TransientDeliveryError(IopFhirError):
+class DeliveryError(IopFhirError):
+    """A delivery to an outside system failed. Besides our own ``status`` (what the gateway
+    answers), it carries what the target said: ``http_status`` (``None`` when no answer came)
+    and ``retry_after`` (seconds, from its Retry-After header), so the worker can back off."""
+
+    def __init__(
+        self,
+        message: str,
+        issues: list[Issue] | None = None,
+        *,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, issues)
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+
+class TransientDeliveryError(DeliveryError):
     """A delivery failed in a way that may pass: retry with backoff."""
 
     status = 503
     issue_code = "transient"
 
 
-class PermanentDeliveryError(IopFhirError):
+class PermanentDeliveryError(DeliveryError):
     """A delivery that will never succeed as it is: dead-letter it."""
 
     status = 502

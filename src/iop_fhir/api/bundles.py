@@ -36,6 +36,12 @@ GET / HEAD of ``Type/id``, ``Type/id/_history/v`` and searches ``Type?params`` (
 representation | OperationOutcome`` (default representation) decides whether write entries
 carry the resource or an OperationOutcome.
 
+Under ``patient/`` scopes each entry is confined on its own (``Options.confined``, see
+:class:`~iop_fhir.api.auth.Confinement`): its search and conditional criteria get the patient
+added, what it reads and writes must lie in the patient's compartment (checked after the
+entry's write, inside its unit of work), and a refusal is the entry's 403: the whole
+transaction's, or that batch entry's.
+
 The processor (:func:`check_transaction`, :func:`apply_transaction`, :func:`run_batch`) knows
 no Flask: ``/iop/records`` stores its record Bundles through the same functions.
 """
@@ -47,7 +53,7 @@ import binascii
 import http
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -56,9 +62,10 @@ import jsonpatch
 import orjson
 from flask import Blueprint, Response, current_app, request
 
-from iop_fhir.api import store
+from iop_fhir.api import auth, store
 from iop_fhir.api.negotiate import read_body, respond
 from iop_fhir.errors import (
+    Gone,
     IopFhirError,
     Issue,
     NotFound,
@@ -85,6 +92,7 @@ _RESULT_PARAMS = frozenset({"_count", "_sort", "_total", "_cursor", "_format", "
 _JSON_PATCH = frozenset({"application/json-patch+json", "application/json"})
 _ETAG = re.compile(r'(?:W/)?"?(\d+)"?')
 _CONDITIONAL_REFERENCE = re.compile(r"[A-Z][A-Za-z]*\?.+")
+_INTERACTIONS = {"DELETE": "delete", "POST": "create", "PUT": "update", "PATCH": "patch", "GET": "read", "HEAD": "read"}
 
 
 class InvalidBundle(IopFhirError):
@@ -111,12 +119,14 @@ class Options:
     :param base: the FHIR base URL (``https://host/fhir``) for ``fullUrl`` and links; absolute
         request URLs under it are accepted.
     :param prefer: ``Prefer: return=`` (minimal, representation, OperationOutcome).
+    :param confined: the entries only ``patient/`` scopes allow, by ``Bundle.entry[i]``.
     """
 
     base: str = ""
     default_count: int = 20
     max_count: int = 500
     prefer: str = "representation"
+    confined: Mapping[str, auth.Confinement] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,6 +146,7 @@ class Entry:
     if_match: int | None = None
     patch: list[Any] | None = None
     matched: bool = False  # a conditional write found its one match
+    confinement: auth.Confinement | None = None  # set by _confine() under patient/ scopes
 
     @property
     def where(self) -> str:
@@ -208,7 +219,8 @@ def prefer(name: str) -> str | None:
 def request_options() -> Options:
     wanted = prefer("return")
     chosen = {"minimal": "minimal", "operationoutcome": "OperationOutcome"}.get((wanted or "").lower(), "representation")
-    return Options(fhir_base(), current_app.config["DEFAULT_COUNT"], current_app.config["MAX_COUNT"], chosen)
+    config = current_app.config
+    return Options(fhir_base(), config["DEFAULT_COUNT"], config["MAX_COUNT"], chosen, auth.confinements())
 
 
 # --- checking ---------------------------------------------------------------------------------
@@ -524,40 +536,67 @@ def _one_match(ops: Ops, e: Entry, criteria: list[tuple[str, str]], where: str) 
     return found[0].id if found else None
 
 
-def rewrite_references(ops: Ops, e: Entry, targets: dict[str, str]) -> None:
+def rewrite_references(ops: Ops, e: Entry, targets: dict[str, str], resolved: dict[str, str] | None = None) -> None:
     """Point the entry's references at what the Bundle's fullUrls resolved to; resolve
-    conditional references (``Type?criteria``) to their one match."""
+    conditional references (``Type?criteria``) to their one match.
+
+    :param resolved: conditional references already resolved in this transaction (all are
+        resolved before any entry runs, so one answer holds for every entry; a delivery Bundle
+        names its patient in most entries).
+    """
     if e.resource is None:
         return
+    cache = resolved if resolved is not None and e.confinement is None else {}
     for ref, path in references(e.resource, e.where + ".resource"):
         text = ref["reference"]
         if text in targets:
             ref["reference"] = targets[text]
+        elif text in cache:
+            ref["reference"] = cache[text]
         elif text.startswith(("urn:uuid:", "urn:oid:")):
             message = f"{text} names an entry that writes no resource"
             raise InvalidBundle(message, [Issue(message, path, code="not-found")])
         elif _CONDITIONAL_REFERENCE.fullmatch(text):
             rtype, _, query = text.partition("?")
+            criteria = parse_qsl(query, keep_blank_values=True)
             try:
-                found = ops.search(rtype, parse_qsl(query, keep_blank_values=True), count=2).entries
+                if e.confinement is not None:  # a search no scope was asked about: confined whatever its type
+                    criteria = e.confinement.criteria(rtype, criteria, every_type=True)
+                found = ops.search(rtype, criteria, count=2).entries
             except IopFhirError as exc:
                 raise EntryFailed(exc, e.index, [Issue(f"{text}: {i.message}", path, i.severity, i.code) for i in exc.issues]) from None
             if len(found) != 1:
                 message = f"the conditional reference {text} matches {len(found) or 'no'}{'+' if len(found) > 1 else ''} resources; it must match one"
                 error = PreconditionFailed if found else InvalidBundle
                 raise error(message, [Issue(message, path, code="multiple-matches" if found else "not-found")])
-            ref["reference"] = found[0].reference
+            ref["reference"] = cache[text] = found[0].reference
 
 
 # --- running ----------------------------------------------------------------------------------
 
 
+def _confine(e: Entry, opts: Options) -> None:
+    """Confine an entry that only ``patient/`` scopes allow: its criteria (conditional match,
+    ``ifNoneExist``, search) reach only the patient's compartment; :func:`execute` checks the rest."""
+    confinement = opts.confined.get(e.where)
+    if confinement is None:
+        return
+    e.confinement = confinement
+    if e.query is not None:
+        e.query = confinement.criteria(e.resource_type, e.query)
+    if e.if_none_exist is not None:
+        e.if_none_exist = confinement.criteria(e.resource_type, e.if_none_exist)
+
+
 def apply_transaction(uow: UnitOfWork, entries: list[Entry], opts: Options) -> list[EntryResult]:
     """Run checked transaction entries in ``uow`` (all or nothing: any error propagates,
     located at its entry, and the caller's unit rolls back). Results in request order."""
-    targets = resolve(uow, entries)
     for e in entries:
-        rewrite_references(uow, e, targets)
+        _confine(e, opts)
+    targets = resolve(uow, entries)
+    resolved: dict[str, str] = {}
+    for e in entries:
+        rewrite_references(uow, e, targets, resolved)
     results = {e.index: execute(uow, e, opts) for e in _ordered(entries)}
     return [results[i] for i in sorted(results)]
 
@@ -573,6 +612,7 @@ def run_batch(st: Store, bundle: JSON, opts: Options) -> list[EntryResult]:
     for index, raw in enumerate(raw_entries):
         try:
             entries.append(check_entry(index, raw, opts.base, set(), problems_for(problems, index)))
+            _confine(entries[-1], opts)
         except IopFhirError as exc:
             method = raw.get("request", {}).get("method") if isinstance(raw, dict) and isinstance(raw.get("request"), dict) else None
             results[index] = EntryResult(index, str(method or ""), exc.status, issues=exc.issues)
@@ -593,20 +633,36 @@ def run_batch(st: Store, bundle: JSON, opts: Options) -> list[EntryResult]:
 def execute(ops: Ops, e: Entry, opts: Options) -> EntryResult:
     """Carry out one resolved entry; errors come out located at the entry."""
     try:
+        if e.confinement is not None and e.method in ("PUT", "PATCH", "DELETE") and e.id is not None:
+            # before a 412 or a patch's failed test could tell anything of another patient's resource
+            e.confinement.check(ops, _existing(ops, e), _INTERACTIONS[e.method])
         if e.method == "DELETE":
-            return _delete(ops, e)
-        if e.method == "POST":
-            return _create(ops, e)
-        if e.method == "PUT":
-            return _update(ops, e)
-        if e.method == "PATCH":
-            return _patch(ops, e)
-        return _read(ops, e, opts)
+            result = _delete(ops, e)
+        elif e.method == "POST":
+            result = _create(ops, e)
+        elif e.method == "PUT":
+            result = _update(ops, e)
+        elif e.method == "PATCH":
+            result = _patch(ops, e)
+        else:
+            result = _read(ops, e, opts)
+        if e.confinement is not None:
+            e.confinement.check(ops, result.saved, _INTERACTIONS[e.method] if e.version is None else "vread")
+        return result
     except EntryFailed:
         raise
     except IopFhirError as exc:
         stale = isinstance(exc, PreconditionFailed) and e.if_match is not None
         raise _at(exc, e, "request.ifMatch" if stale else "request.url") from None
+
+
+def _existing(ops: Ops, e: Entry) -> Saved | None:
+    """The live resource an entry targets, or None."""
+    assert e.id is not None
+    try:
+        return ops.read(e.resource_type, e.id)
+    except (NotFound, Gone):
+        return None
 
 
 def _delete(ops: Ops, e: Entry) -> EntryResult:

@@ -12,7 +12,8 @@ answers are ``application/json``; errors are OperationOutcomes like everywhere e
     none. A record whose id is already stored replaces it: unchanged resources get no new
     version (the store skips identical content), changed ones one new version, and resources
     the episode owned in its previous version but no longer holds (a prescription taken out
-    of the record) are deleted; shared parties (patient, staff, pharmacies) never are.
+    of the record) are deleted; shared parties (patient, staff, pharmacies) never are. A
+    record with a ``discharge`` also gets its discharge package (see ``/discharge`` below).
     Answer: 201 when a record was new, else 200, with::
 
         {"records": [{"id": "ep-2026-0042",
@@ -46,6 +47,20 @@ answers are ``application/json``; errors are OperationOutcomes like everywhere e
     record. Warnings (FHIR data the record has no place for) still give the record, 200,
     with their count in ``X-IOP-Mapping-Warnings``.
 
+``GET /iop/records/{id}/discharge``
+    Where the record's discharge continuity package is (sync/discharge.py): stored with the
+    record, in the same unit of work, when the record has a ``discharge``, and addressed to
+    the destinations serving its aftercare provider. Answer: the package's reference and
+    version, ``state`` (``pending``, ``delivered``, ``failed`` or ``no-destination``) and per
+    destination its latest delivery (state, attempts, last error, when delivered). 404 when
+    the record has no discharge. ``?system=`` as for the record.
+
+``GET /iop/records/{id}/reconciliation``
+    The intake medication reconciliation (sync/reconcile.py): the record's own prescriptions
+    (id, medication, status, dose) beside the outside medications pulled from EHRs for its
+    patient (source, reference, medication, status, dates, last fill), the open conflict
+    Tasks a pull raised, and what the reverse mappers could not read of the outside data.
+
 ``GET /iop/schema``
     The record's JSON Schema (``application/schema+json``).
 
@@ -59,6 +74,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cache
@@ -67,7 +83,7 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, request
 
-from iop_fhir.api import store
+from iop_fhir.api import destinations, store
 from iop_fhir.api.bundles import EntryResult, Options, apply_transaction, check_transaction
 from iop_fhir.api.operations import COMPARTMENT_TYPES, every, parties, read_references
 from iop_fhir.errors import Gone, IopFhirError, Issue, NotFound, RecordInvalid, UnsupportedFormat, VersionConflict
@@ -80,6 +96,8 @@ from iop_fhir.mappers.ids import resource_id
 from iop_fhir.record import IopRecord, record_json_schema, validate_record
 from iop_fhir.store import Saved, Store, UnitOfWork
 from iop_fhir.store.resources import ID_PATTERN
+from iop_fhir.sync import discharge, reconcile
+from iop_fhir.sync.destinations import Destination
 
 JSON = dict[str, Any]
 
@@ -129,7 +147,7 @@ def post_records() -> Response:
         records = validate_records(body, [f"/{i}" for i in range(len(body))])
     else:
         records = validate_records([body], [""])
-    results = save_records(store(), records)
+    results = save_records(store(), records, destinations())
     headers = {"Location": f"/iop/records/{records[0].id}"} if not isinstance(body, list) else {}
     return _json({"records": [r.as_json() for r in results]}, 201 if any(r.created for r in results) else 200, headers)
 
@@ -143,7 +161,7 @@ def put_record(record_id: str) -> Response:
     if body.get("id") != record_id:
         message = f"the record's id {body.get('id')!r} is not {record_id!r} from the URL"
         raise RecordMismatch(message, [Issue(message, "/id", code="value")])
-    results = save_records(store(), validate_records([body], [""]))
+    results = save_records(store(), validate_records([body], [""]), destinations())
     return _json({"records": [r.as_json() for r in results]}, 201 if results[0].created else 200)
 
 
@@ -153,6 +171,20 @@ def get_record(record_id: str) -> Response:
     record, warnings = rebuild_record(store(), record_id, request.args.get("system"))
     headers = {"X-IOP-Mapping-Warnings": str(len(warnings))} if warnings else {}
     return _json(record.model_dump(mode="json", exclude_none=True), 200, headers)
+
+
+@bp.get("/records/<record_id>/discharge")
+def get_discharge(record_id: str) -> Response:
+    """Where the record's discharge package is: per destination pending, delivered or failed."""
+    episode, _ = find_episode(store(), record_id, request.args.get("system"))
+    return _json(discharge.discharge_status(store(), episode.resource))
+
+
+@bp.get("/records/<record_id>/reconciliation")
+def get_reconciliation(record_id: str) -> Response:
+    """The intake medication reconciliation: the IOP's prescriptions beside outside medications."""
+    episode, _ = find_episode(store(), record_id, request.args.get("system"))
+    return _json(reconcile.reconciliation(store(), episode.resource).as_json())
 
 
 @bp.get("/schema")
@@ -220,10 +252,14 @@ def validate_records(items: list[Any], prefixes: list[str]) -> list[IopRecord]:
 # --- storing ------------------------------------------------------------------------------------
 
 
-def save_records(st: Store, records: list[IopRecord]) -> list[RecordResult]:
-    """Store the records' Bundles in one unit of work (all or none)."""
+def save_records(st: Store, records: list[IopRecord], targets: Mapping[str, Destination] | None = None) -> list[RecordResult]:
+    """Store the records' Bundles in one unit of work (all or none), with the discharge
+    package of each discharged record (addressed to those of ``targets`` serving its aftercare)."""
     with st.unit() as uow:
-        return [save_record(uow, record, f"/{i}" if len(records) > 1 else "") for i, record in enumerate(records)]
+        results = [save_record(uow, record, f"/{i}" if len(records) > 1 else "") for i, record in enumerate(records)]
+        for record in records:
+            discharge.schedule_discharge(uow, record, targets or {})
+        return results
 
 
 def save_record(uow: UnitOfWork, record: IopRecord, pointer: str = "") -> RecordResult:

@@ -22,7 +22,7 @@ a page may shift when the patient's data changes between requests.
 **$medication-history** (GET or POST; :data:`MEDICATION_HISTORY_URL`, served as an
 OperationDefinition at ``/fhir/OperationDefinition/Patient-medication-history``): for aftercare
 providers, every MedicationRequest, MedicationDispense, MedicationStatement and adherence
-Observation (LOINC 71799-1) of the patient as a ``searchset`` Bundle (type searchset because it
+Observation (LOINC 71799-1, and the proportion of days covered computed from fills) of the patient as a ``searchset`` Bundle (type searchset because it
 is a query result with match and include modes and a total), newest first by
 ``authoredOn`` / ``whenHandedOver`` (else ``whenPrepared``) / ``effective[x]`` (else
 ``dateAsserted``, for Observations ``issued``), falling back to ``meta.lastUpdated``; ties by
@@ -61,7 +61,7 @@ from iop_fhir.errors import IopFhirError, Issue, NotFound, RecordInvalid, operat
 from iop_fhir.formats import fhir_validate
 from iop_fhir.store import Saved, Store, instant
 from iop_fhir.store.search_index import PARAMETERS, date_range, parse_reference, search_parameters
-from iop_fhir.terminology import CANONICAL, LOINC
+from iop_fhir.terminology import CANONICAL, LOINC, code_system
 
 JSON = dict[str, Any]
 
@@ -72,7 +72,8 @@ EVERYTHING_URL = "http://hl7.org/fhir/OperationDefinition/Patient-everything"
 VALIDATE_URL = "http://hl7.org/fhir/OperationDefinition/Resource-validate"
 MEDICATION_HISTORY_ID = "Patient-medication-history"
 MEDICATION_HISTORY_URL = f"{CANONICAL}/OperationDefinition/{MEDICATION_HISTORY_ID}"
-ADHERENCE_CODE = f"{LOINC}|71799-1"
+# adherence as reported (LOINC 71799-1) and as computed from pharmacy fills (proportion of days covered)
+ADHERENCE_CODE = f"{LOINC}|71799-1,{code_system('adherence-measure')}|pdc"
 
 # The types the store searches by patient, in the order $everything lists them. AuditEvent
 # is a security record: it does not go out with the patient's care data.
@@ -426,7 +427,7 @@ MEDICATION_HISTORY_DEFINITION: JSON = {
     "publisher": "iop-fhir",
     "description": (
         "Every MedicationRequest, MedicationDispense, MedicationStatement and adherence Observation "
-        "(LOINC 71799-1) of the patient, newest first (authoredOn, whenHandedOver, effective[x] or "
+        "(LOINC 71799-1, and proportion of days covered from fills) of the patient, newest first (authoredOn, whenHandedOver, effective[x] or "
         "dateAsserted, else meta.lastUpdated), with the patient, the prescribers (requester) and the "
         "pharmacies (dispenseRequest.performer, MedicationDispense.performer.actor) included."
     ),

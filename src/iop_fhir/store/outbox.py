@@ -16,7 +16,10 @@ Order: deliveries of one patient (``patient_key``) to one destination go out in 
 they were written. Only the oldest pending delivery of a patient (its *head*) can be
 claimed, plus the deliveries right behind it in the same claim, so a batch carries a
 patient's changes in order and no other worker can overtake it. A dead delivery no longer
-blocks the ones behind it. Deliveries without a patient are independent.
+blocks the ones behind it. Deliveries without a patient (shared parties: practitioners,
+pharmacies, organisations) may be referred to by anything written after them, so while one
+of them is held by a worker or waits for its retry, nothing written after it to that
+destination is claimed (a *barrier*); a dead one no longer blocks.
 
 Concurrency: claims use ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so any number of
 workers on any number of machines share one queue; on SQLite the write lock serialises
@@ -75,6 +78,7 @@ class Delivery:
     lease_expires_at: datetime | None
     last_error: str | None
     data: bytes | None = field(default=None, repr=False)
+    delivered_at: datetime | None = None  # when it was delivered (state delivered)
 
 
 @dataclass
@@ -149,6 +153,7 @@ _COLUMNS = (
     outbox.c.lease_expires_at,
     outbox.c.last_error,
     resource_version.c.data,
+    outbox.c.delivered_at,
 )
 _WITH_DATA = select(*_COLUMNS).join(
     resource_version,
@@ -198,17 +203,34 @@ class Outbox:
             earlier.c.id < o.c.id,
             earlier.c.state.in_(PENDING),
         )
+        # A shared party (no patient: a practitioner, a pharmacy) that another worker holds or that
+        # waits for its retry is a barrier: what was written after it may refer to it.
+        barrier = (
+            select(func.min(earlier.c.id))
+            .where(
+                earlier.c.destination == o.c.destination,
+                earlier.c.patient_key.is_(None),
+                earlier.c.state.in_((DeliveryState.IN_FLIGHT, DeliveryState.FAILED)),
+            )
+            .scalar_subquery()
+        )
         scope = [o.c.destination == destination] if destination is not None else []
         with self._write() as conn:
             heads = conn.execute(
                 select(o.c.id, o.c.destination, o.c.patient_key)
-                .where(o.c.state.in_(CLAIMABLE), o.c.next_attempt_at <= now, ~blocked, *scope)
+                .where(
+                    o.c.state.in_(CLAIMABLE),
+                    o.c.next_attempt_at <= now,
+                    ~blocked,
+                    or_(barrier.is_(None), o.c.id <= barrier),
+                    *scope,
+                )
                 .order_by(o.c.id)
                 .limit(limit)
                 .with_for_update(of=o, skip_locked=True)
             ).all()
             ids = [row.id for row in heads]
-            ids += self._followers(conn, heads, limit - len(ids), now)
+            ids += self._followers(conn, heads, limit - len(ids), now, self._barriers(conn, heads))
             if not ids:
                 return []
             conn.execute(
@@ -226,8 +248,29 @@ class Outbox:
         return [_delivery(row) for row in rows]
 
     @staticmethod
-    def _followers(conn: Connection, heads: Sequence[Row[Any]], room: int, now: datetime) -> list[int]:
-        """Due deliveries right behind each claimed head, in order, up to ``room`` of them."""
+    def _barriers(conn: Connection, heads: Sequence[Row[Any]]) -> dict[str, int]:
+        """Per destination, the first shared-party delivery held elsewhere or waiting to retry."""
+        o = outbox
+        destinations = {h.destination for h in heads}
+        if not destinations:
+            return {}
+        rows = conn.execute(
+            select(o.c.destination, func.min(o.c.id))
+            .where(
+                o.c.destination.in_(destinations),
+                o.c.patient_key.is_(None),
+                o.c.state.in_((DeliveryState.IN_FLIGHT, DeliveryState.FAILED)),
+            )
+            .group_by(o.c.destination)
+        ).all()
+        return {destination: first for destination, first in rows}
+
+    @staticmethod
+    def _followers(
+        conn: Connection, heads: Sequence[Row[Any]], room: int, now: datetime, barriers: dict[str, int]
+    ) -> list[int]:
+        """Due deliveries right behind each claimed head, in order, up to ``room`` of them,
+        none past its destination's barrier."""
         head_of = {(h.destination, h.patient_key): h.id for h in heads if h.patient_key is not None}
         if room <= 0 or not head_of:
             return []
@@ -246,6 +289,9 @@ class Outbox:
         for row in rows:
             key = (row.destination, row.patient_key)
             if key in stopped or row.id <= head_of[key]:
+                continue
+            if row.id > barriers.get(row.destination, row.id):
+                stopped.add(key)
                 continue
             if row.state in CLAIMABLE and row.next_attempt_at <= now:
                 taken.append(row.id)
@@ -356,6 +402,39 @@ class Outbox:
             return conn.execute(
                 delete(o).where(o.c.state == DeliveryState.DELIVERED.value, o.c.delivered_at < before)
             ).rowcount
+
+    def next_due(self, destinations: Iterable[str] | None = None) -> datetime | None:
+        """The earliest moment a waiting delivery may be claimed again: a failed one's retry time
+        or an in-flight one's lease expiry (None when there is neither).
+
+        Queued deliveries are due already; one a claim skips waits behind a failed or in-flight
+        delivery of its patient, whose moment is included. ``worker --once`` sleeps until then.
+        """
+        o = outbox
+        scope = [o.c.destination.in_(list(destinations))] if destinations is not None else []
+        with self._engine.connect() as conn:
+            retry_at, lease_end = conn.execute(
+                select(
+                    func.min(o.c.next_attempt_at).filter(o.c.state == DeliveryState.FAILED.value),
+                    func.min(o.c.lease_expires_at).filter(o.c.state == DeliveryState.IN_FLIGHT.value),
+                ).where(*scope)
+            ).one()
+        moments = [m for m in (retry_at, lease_end) if m is not None]
+        return min(moments) if moments else None
+
+    def next_retry(self, destination: str) -> datetime | None:
+        """When the earliest failed delivery of ``destination`` is due again (None: none failed).
+
+        The worker claims nothing new for a destination before then, so what a failed delivery
+        writes reaches the target before anything written after it that may refer to it.
+        """
+        o = outbox
+        with self._engine.connect() as conn:
+            return conn.execute(
+                select(func.min(o.c.next_attempt_at)).where(
+                    o.c.state == DeliveryState.FAILED.value, o.c.destination == destination
+                )
+            ).scalar_one()
 
     def list(
         self,

@@ -41,6 +41,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # Never delivered by routing: audit trails stay here, Bundles go only as discharge packages
 # (addressed explicitly), and OperationOutcomes are not stored resources.
 NEVER_ROUTED = frozenset({"AuditEvent", "Bundle", "OperationOutcome"})
+# What a pharmacy is sent (as NewRx / CancelRx): prescriptions, nothing else.
+PHARMACY_RESOURCES = frozenset({"MedicationRequest"})
 # What a pull reads by default: the outside medication picture an intake reconciliation needs.
 DEFAULT_PULL_RESOURCES = (
     "MedicationRequest",
@@ -104,6 +106,8 @@ class Destination:
         those references.
         """
         if not self.enabled or resource_type in NEVER_ROUTED:
+            return False
+        if self.kind == "ncpdp" and resource_type not in PHARMACY_RESOURCES:
             return False
         if self.resources is not None and resource_type not in self.resources:
             return False

@@ -133,6 +133,24 @@ def test_one_patient_in_order(store: Store) -> None:
     assert [d.resource_id for d in third] == [a2.id, a3.id]  # head and the one behind it, in order
 
 
+def test_a_shared_party_held_or_failed_is_a_barrier(store: Store, clock) -> None:
+    """What was written after a practitioner may refer to it: it must not reach the target first."""
+    party = store.create({"resourceType": "Basic", "code": {"text": "a practitioner"}}, deliver_to=["ehr"])
+    after = store.create(observation("Patient/a", "1"), deliver_to=["ehr"])
+    other = store.create(observation("Patient/b", "1"), deliver_to=["other"])
+    held = store.outbox.claim("w1", destination="ehr", limit=1)
+    assert [d.resource_id for d in held] == [party.id]
+    assert store.outbox.claim("w2", destination="ehr") == []  # the party is in flight elsewhere
+    assert [d.resource_id for d in store.outbox.claim("w2", destination="other")] == [other.id]  # per destination
+    store.outbox.retry("w1", [held[0].id], error="503", at=clock.now + timedelta(seconds=60))
+    assert store.outbox.claim("w2", destination="ehr") == []  # it waits for its retry: still a barrier
+    clock.advance(seconds=61)
+    again = store.outbox.claim("w2", destination="ehr", limit=10)
+    assert [d.resource_id for d in again] == [party.id]  # due again: it goes first, alone
+    store.outbox.dead_letter("w2", [again[0].id], error="refused")
+    assert [d.resource_id for d in store.outbox.claim("w3", destination="ehr")] == [after.id]  # a dead party no longer blocks
+
+
 def test_retry_backoff_and_dead_letter(store: Store, clock) -> None:
     a1 = store.create(observation("Patient/a", "1"), deliver_to=["ehr"])
     a2 = store.create(observation("Patient/a", "2"), deliver_to=["ehr"])
