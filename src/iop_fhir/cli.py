@@ -328,5 +328,401 @@ def demo(patients: int, port: int, seed: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# --- sync: the delivery worker and the queue ------------------------------------------------------
+
+
+class _SyncContext:
+    """What the worker and ``sync`` commands share: the settings, the destinations, the store."""
+
+    def __init__(self) -> None:
+        from iop_fhir.config import load_settings
+        from iop_fhir.store import Store
+        from iop_fhir.sync.destinations import Router, load_destinations
+
+        from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+        try:
+            self.settings = load_settings()
+            self.destinations = load_destinations(self.settings)
+            url = self.settings["DATABASE_URL"]
+            self.store = Store.open(url, router=Router(self.destinations.values()))
+        except IopFhirError as exc:
+            raise click.ClickException(exc.message) from None
+        except (ArgumentError, SQLAlchemyError) as exc:  # a malformed URL or a database away: a message
+            raise click.ClickException(f"cannot open the store {url!r}: {exc}") from None
+
+    def chosen(self, names: Iterable[str]) -> dict[str, Any]:
+        """The destinations named (all when none is), refusing unknown names and an empty configuration."""
+        names = list(names)
+        unknown = [n for n in names if n not in self.destinations]
+        if unknown:
+            known = ", ".join(self.destinations) or "none"
+            raise click.ClickException(f"unknown destination {', '.join(map(repr, unknown))} (configured: {known})")
+        if not self.destinations:
+            raise click.ClickException("no destination is configured: add [[destination]] tables to the file named by IOP_FHIR_CONFIG")
+        return {n: d for n, d in self.destinations.items() if not names or n in names}
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Drain the queue and exit (for scripts and tests) instead of running until stopped.")
+@click.option("--destination", "-d", "names", multiple=True, help="Deliver only to this destination (repeatable)  [default: all].")
+@click.option("--max-wait", type=click.FloatRange(min=0), default=None, help="With --once: longest wait for retries not yet due, in seconds  [default: 60].")
+def worker(once: bool, names: tuple[str, ...], max_wait: float | None) -> None:
+    """Deliver stored changes to the configured destinations (the outbox).
+
+    Runs until SIGTERM or Ctrl-C (the batch in hand is finished first). Any number of workers
+    may share a PostgreSQL database; on SQLite run one. With --once it drains the queue and
+    exits: status 1 when deliveries are left pending or went dead.
+
+    Example: IOP_FHIR_CONFIG=gateway.toml iop-fhir worker --once --destination ehr
+    """
+    import logging
+    import signal
+    import threading
+
+    from iop_fhir.sync.worker import DEFAULT_MAX_WAIT, Worker, WorkerOptions
+
+    if max_wait is not None and not once:
+        raise click.UsageError("--max-wait goes with --once")
+    context = _SyncContext()
+    logging.basicConfig(level=context.settings["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        options = WorkerOptions.from_settings(context.settings)
+    except IopFhirError as exc:
+        raise click.ClickException(exc.message) from None
+    chosen = context.chosen(names)
+    with context.store, Worker(context.store, chosen, name=options.name, lease=options.lease, poll=options.poll) as running:
+        if not running.destinations:
+            raise click.ClickException(f"none of {', '.join(chosen)} can be delivered to (disabled, or no channel for its kind)")
+        if once:
+            result = running.drain(max_wait=DEFAULT_MAX_WAIT if max_wait is None else max_wait)
+            click.echo(
+                f"delivered {result.delivered}, retried {result.retried}, dead {result.dead}, "
+                f"left pending {result.pending} ({result.passes} passes, {result.requests} requests, {result.seconds:.1f} s)",
+                err=True,
+            )
+            for name, count in result.left.items():
+                click.echo(f"  {name}: {count} deliveries still pending", err=True)
+            if result.pending or result.dead:
+                sys.exit(1)
+            return
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        running.run(stop)
+
+
+@main.group()
+def sync() -> None:
+    """Look after the sync: queue status, requeue or discard dead deliveries, pull from an EHR.
+
+    Example: iop-fhir sync status
+    """
+
+
+def _age(seconds: float | None) -> str:
+    """``42s``, ``3m05s``, ``2h10m``, ``4d03h``: an age at a glance."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+@sync.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (as GET /admin/sync answers).")
+def sync_status(as_json: bool) -> None:
+    """Show each destination's queue: queued, in flight, delivered, failed, dead, the age of the
+    oldest pending delivery, the last success and the last error.
+
+    Example: iop-fhir sync status --json
+    """
+    from iop_fhir.api.admin import status_rows
+
+    context = _SyncContext()
+    with context.store as store:
+        rows = status_rows(context.destinations, store.outbox.stats(), store.clock())
+    if as_json:
+        click.echo(json.dumps({"destinations": rows}, indent=2))
+        return
+    if not rows:
+        click.echo("no destination is configured and the queue is empty")
+        return
+    header = ("destination", "queued", "in flight", "delivered", "failed", "dead", "oldest pending", "last success", "last error")
+    table = [header] + [
+        (
+            r["name"] + ("" if r["configured"] else " (not configured)") + ("" if r["enabled"] or not r["configured"] else " (disabled)"),
+            *(str(r[k]) for k in ("queued", "in_flight", "delivered", "failed", "dead")),
+            _age(r["oldest_pending_age_seconds"]),
+            (r["last_success"] or "-")[:19].replace("T", " "),
+            _shorten(r["last_error"] or "-", 60),
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _dead_selection(context: _SyncContext, destination: str | None, ids: tuple[int, ...]) -> tuple[list[int] | None, str | None]:
+    from iop_fhir.api.admin import selection
+
+    body: dict[str, Any] = {}
+    if destination is not None:
+        body["destination"] = destination
+    if ids:
+        body["ids"] = list(ids)
+    try:
+        return selection(body, context.destinations, context.store.outbox.stats())
+    except IopFhirError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _select_options(command: Any) -> Any:
+    """``--destination`` and ``--id``: which dead deliveries a requeue or discard takes."""
+    command = click.option("--id", "ids", type=click.IntRange(min=1), multiple=True, help="Only this delivery (repeatable; ids from GET /admin/sync/deliveries?state=dead).")(command)
+    return click.option("--destination", "-d", default=None, help="Only this destination's dead deliveries.")(command)
+
+
+@sync.command("requeue")
+@_select_options
+def sync_requeue(destination: str | None, ids: tuple[int, ...]) -> None:
+    """Put dead deliveries back in the queue with a fresh attempt count (all dead ones when no
+    option narrows them).
+
+    Example: iop-fhir sync requeue --destination ehr
+    """
+    context = _SyncContext()
+    with context.store as store:
+        chosen, where = _dead_selection(context, destination, ids)
+        click.echo(f"requeued {store.outbox.requeue(chosen, destination=where)} dead deliveries")
+
+
+@sync.command("discard")
+@_select_options
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def sync_discard(destination: str | None, ids: tuple[int, ...], yes: bool) -> None:
+    """Delete dead deliveries for good: they will not be delivered (the stored versions stay).
+    Asks first unless --yes.
+
+    Example: iop-fhir sync discard --destination ehr --yes
+    """
+    context = _SyncContext()
+    with context.store as store:
+        chosen, where = _dead_selection(context, destination, ids)
+        if not yes:
+            what = f"deliveries {', '.join(map(str, chosen))}" if chosen else "deliveries"
+            scope = f" of {where}" if where else ""
+            click.confirm(f"Discard the dead {what}{scope}? They will never be delivered", abort=True, err=True)
+        click.echo(f"discarded {store.outbox.discard(chosen, destination=where)} dead deliveries")
+
+
+@sync.command("pull")
+@click.argument("destination")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def sync_pull(destination: str, as_json: bool) -> None:
+    """Pull what changed at DESTINATION (a FHIR EHR) for the enrolled patients, since the last pull.
+
+    Foreign medications, dispenses, observations, conditions and allergies are stored beside the
+    IOP's own, each with its source; changes to what the gateway sent are flagged as conflicts,
+    never overwritten. Exits 1 when anything could not be read or stored.
+
+    Example: iop-fhir sync pull ehr
+    """
+    from iop_fhir.sync.fhir_client import FhirClient
+    from iop_fhir.sync.pull import pull
+
+    context = _SyncContext()
+    (chosen,) = context.chosen([destination]).values()
+    with context.store as store:
+        try:
+            with FhirClient(chosen) as client:
+                result = pull(store, chosen, client)
+        except IopFhirError as exc:
+            raise click.ClickException(f"pull from {destination} failed: {exc.message}") from None
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        click.echo(
+            f"{destination}: {result.patients} patients, fetched {result.fetched}, stored {result.stored}, "
+            f"unchanged {result.unchanged}, new conflicts {result.conflicts}"
+        )
+        for line in _issue_lines(result.reported, "  "):
+            click.echo(line, err=True)
+    if result.errors:
+        sys.exit(1)
+
+
+# --- ncpdp: the pharmacy message store ----------------------------------------------------------------
+
+
+@main.group()
+def ncpdp() -> None:
+    """Look after the NCPDP SCRIPT messages exchanged with pharmacies: list them, replay one.
+
+    Example: iop-fhir ncpdp messages --kind RxFill
+    """
+
+
+@ncpdp.command("messages")
+@click.option("--prescription", default=None, help="Only messages about this prescription (MedicationRequest/ID or ID).")
+@click.option("--kind", default=None, help="Only this transaction (NewRx, RxFill, Status, Error, ...).")
+@click.option("--after", type=click.IntRange(min=0), default=0, help="Only messages after this id (paging).")
+@click.option("--limit", type=click.IntRange(min=1, max=1000), default=100, show_default=True, help="At most this many messages.")
+@click.option("--json", "as_json", is_flag=True, help="Print the messages as JSON (as GET /admin/ncpdp/messages answers).")
+def ncpdp_messages(prescription: str | None, kind: str | None, after: int, limit: int, as_json: bool) -> None:
+    """List the kept messages in id order: id, time, direction, kind, MessageID, counterparty,
+    prescription, status and detail (bodies: GET /admin/ncpdp/messages/ID).
+
+    Example: iop-fhir ncpdp messages --prescription MedicationRequest/951f5fc2-6e5e-580b-9190-a1f7f3e7a0d6
+    """
+    from iop_fhir.api.ncpdp import message_row, prescription_key
+
+    context = _SyncContext()
+    with context.store as store:
+        found = store.messages.list(prescription=prescription_key(prescription), kind=kind, after_id=after, limit=limit)
+    rows = [message_row(m) for m in found]
+    if as_json:
+        click.echo(json.dumps({"messages": rows}, indent=2))
+        return
+    if not rows:
+        click.echo("no messages")
+        return
+    header = ("id", "time", "dir", "kind", "message id", "counterparty", "prescription", "status", "detail")
+    table = [header] + [
+        (
+            str(r["id"]),
+            r["created"][:19].replace("T", " "),
+            r["direction"],
+            r["kind"],
+            r["message_id"] or "-",
+            r["counterparty"] or "-",
+            (r["prescription"] or "-").removeprefix("MedicationRequest/"),
+            r["status"],
+            _shorten(r["detail"] or "-", 60),
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+@ncpdp.command("replay")
+@click.argument("message_id", metavar="ID", type=click.IntRange(min=1))
+def ncpdp_replay(message_id: int) -> None:
+    """Apply the received message ID again (ids from `iop-fhir ncpdp messages`): its fill,
+    review request, cancel response, history or acknowledgement, as when it arrived. Writes are
+    upserts, so only what changed since is stored again. An outbound message is not replayed:
+    requeue its delivery (iop-fhir sync requeue).
+
+    Example: iop-fhir ncpdp replay 42
+    """
+    from iop_fhir.pharmacy.inbound import InboundOptions, replay
+
+    context = _SyncContext()
+    with context.store as store:
+        try:
+            result = replay(store, message_id, InboundOptions.from_settings(context.settings))
+        except IopFhirError as exc:
+            raise click.ClickException(f"message {message_id}: {exc.message}") from None
+    applied = result.applied
+    click.echo(f"message {message_id} ({result.kind}): {applied.status}" + (f" - {applied.detail}" if applied.detail else ""))
+    for reference in applied.written:
+        click.echo(f"  stored {reference}")
+
+# --- pharmacies: medication history, and a simulated pharmacy for developers -----------------------
+
+
+@ncpdp.command("history")
+@click.option("--patient", "patient_id", required=True, help="The id of the Patient whose history is asked for.")
+@click.option("--destination", "-d", required=True, help="The pharmacy or history network to ask (a kind = \"ncpdp\" destination).")
+@click.option("--prescriber", default=None, help="The id of the Practitioner asking  [default: the patient's latest prescriber].")
+def ncpdp_history(patient_id: str, destination: str, prescriber: str | None) -> None:
+    """Ask a pharmacy for a patient's medication history (RxHistoryRequest) and store what it
+    answers: a MedicationDispense per fill, once per fill however often it is asked. A source
+    that answers later sends its RxHistoryResponse to POST /ncpdp.
+
+    Example: iop-fhir ncpdp history --patient 10bc811d-... --destination main-street
+    """
+    from iop_fhir.pharmacy.history import request_history
+
+    context = _SyncContext()
+    (chosen,) = context.chosen([destination]).values()
+    with context.store as store:
+        try:
+            result = request_history(store, chosen, patient_id, prescriber_id=prescriber)
+        except IopFhirError as exc:
+            for line in _issue_lines(exc.issues[1:] if len(exc.issues) > 1 else (), "  "):
+                click.echo(line, err=True)
+            raise click.ClickException(f"history from {destination}: {exc.message}") from None
+    if result.answer != "RxHistoryResponse":
+        click.echo(f"{destination} answered {result.answer} to RxHistoryRequest {result.request_id}: the history will arrive at POST /ncpdp")
+        return
+    click.echo(
+        f"{destination}: {result.entries} history entries; stored {result.created} new, {result.updated} updated, "
+        f"{result.unchanged} unchanged (RxHistoryRequest {result.request_id})"
+    )
+    for saved in result.saved:
+        click.echo(f"  {saved.reference}")
+
+
+@main.command("pharmacy-sim")
+@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8095, show_default=True, help="Port to listen on (0: any free one).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--gateway", default=None, help="The gateway's base URL (http://127.0.0.1:8080); fills go to GATEWAY/ncpdp  [default: kept, not sent].")
+@click.option("--ncpdp-id", default=None, help="The NCPDPID it answers as (the destination's ncpdp_id)  [default: 3812746, a pharmacy of the synthetic cohort].")
+@click.option("--fill-delay", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Seconds from a NewRx to its RxFill (and a CancelRx to its response).")
+@click.option("--partial", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Share of fills that are PartiallyDispensed.")
+@click.option("--not-dispensed", type=click.FloatRange(0, 1), default=0.05, show_default=True, help="Share of fills that are NotDispensed.")
+@click.option("--seed", type=int, default=None, help="Seed for which fills are partial or not dispensed  [default: random].")
+@click.option("--token", default=None, help="Bearer token for the gateway's /ncpdp (when its authentication is on).")
+def pharmacy_sim(port: int, host: str, gateway: str | None, ncpdp_id: str | None, fill_delay: float, partial: float, not_dispensed: float, seed: int | None, token: str | None) -> None:
+    """Run a simulated pharmacy speaking NCPDP SCRIPT, for development: it answers NewRx and
+    CancelRx with Status, sends RxFill (some partial or not dispensed) and CancelRxResponse to
+    the gateway after --fill-delay, and answers RxHistoryRequest from the fills it made. State
+    is in memory; stops on Ctrl-C or SIGTERM.
+
+    Example: iop-fhir pharmacy-sim --port 8095 --gateway http://127.0.0.1:8080 --seed 1
+    """
+    import logging
+    import signal
+    import threading
+
+    from iop_fhir.pharmacy.simulator import DEFAULT_NCPDP_ID, PharmacySimulator, serve
+
+    if gateway is not None and not gateway.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{gateway!r} is not an http(s) URL", param_hint="--gateway")
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request: the simulator logs what matters
+    try:
+        simulator = PharmacySimulator(ncpdp_id or DEFAULT_NCPDP_ID, fill_delay=fill_delay, partial=partial, not_dispensed=not_dispensed, seed=seed)
+    except IopFhirError as exc:
+        raise click.UsageError(exc.message) from None
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    def started(url: str) -> None:
+        target = f"{gateway.rstrip('/')}/ncpdp" if gateway else "nowhere (no --gateway)"
+        click.echo(f"pharmacy simulator NCPDPID {simulator.ncpdp_id} listening on {url}; fills go to {target}")
+        sys.stdout.flush()
+
+    try:
+        serve(simulator, host=host, port=port, gateway=gateway, token=token, stop=stop, started=started)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -42,6 +42,14 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_COUNT": 20,
     "MAX_COUNT": 500,
     "LOG_LEVEL": "INFO",
+    # The delivery worker (iop-fhir worker): lease seconds per batch (None: 2 x the destination's
+    # connect + read timeouts + 10 s), idle sleep seconds between passes, lease owner (None: host:pid).
+    "WORKER_LEASE": None,
+    "WORKER_POLL": 1.0,
+    "WORKER_NAME": None,
+    # Pharmacy fills (POST /ncpdp): days a discharged client's medication-assisted-treatment supply
+    # may have run out before a refill counts as overdue and a Flag goes to the care team.
+    "MAT_REFILL_GRACE_DAYS": 3,
 }
 
 

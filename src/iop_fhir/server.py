@@ -12,8 +12,9 @@ from typing import Any
 
 from flask import Flask
 
-from iop_fhir.api import DESTINATIONS_KEY, STORE_KEY, auth, bundles, errors, fhir, health, iop, operations
+from iop_fhir.api import DESTINATIONS_KEY, STORE_KEY, admin, auth, bundles, errors, fhir, health, iop, ncpdp, operations
 from iop_fhir.config import load_settings
+from iop_fhir.privacy import label
 from iop_fhir.store import Store
 from iop_fhir.sync.destinations import Router, load_destinations
 
@@ -31,7 +32,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     destinations = load_destinations(settings)
     app.extensions[DESTINATIONS_KEY] = destinations
-    app.extensions[STORE_KEY] = Store.open(settings["DATABASE_URL"], router=Router(destinations.values()))
+    # every write is security-labelled (42 CFR Part 2, DS4P) before it is stored: docs/privacy.md
+    app.extensions[STORE_KEY] = Store.open(settings["DATABASE_URL"], router=Router(destinations.values()), labeller=label)
 
     errors.init_app(app)
     auth.init_app(app)
@@ -40,4 +42,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(bundles.bp)
     app.register_blueprint(operations.bp)
     app.register_blueprint(iop.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(ncpdp.bp)
     return app

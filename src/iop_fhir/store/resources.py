@@ -47,6 +47,7 @@ from iop_fhir.errors import Gone, Issue, NotFound, PreconditionFailed, RecordInv
 from iop_fhir.formats import fhir_json
 from iop_fhir.store import db, search_index
 from iop_fhir.store.migrations import migrate
+from iop_fhir.store.messages import MessageStore
 from iop_fhir.store.outbox import Outbox, enqueue
 from iop_fhir.store.paging import Page, SortKey, fetch_page
 from iop_fhir.store.search_index import InvalidSearch
@@ -57,6 +58,7 @@ from iop_fhir.store.tables import (
     metadata,
     resource_current,
     resource_version,
+    sync_cursor,
     to_micros,
 )
 
@@ -66,6 +68,9 @@ Clock = Callable[[], datetime]
 # Which destinations a change goes to when the caller does not say: (type, resource) -> names.
 # which destinations a change goes to: (resource type, resource, its patient's "Patient/{id}" or None)
 Router = Callable[[str, JSON, str | None], Iterable[str]]
+# Sets a resource's security labels before it is stored (iop_fhir.privacy.label): gets the
+# resource and a look-up of the current version a reference names, returns the labelled copy.
+Labeller = Callable[[JSON, Callable[[str], JSON | None]], JSON]
 SearchParams = str | Sequence[tuple[str, str]]
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -415,6 +420,13 @@ _RELEASE_ALL = db.Prepared(
     delete(identifier).where(ident.resource_type == bindparam("rt"), ident.resource_id == bindparam("id"))
 )
 _INSERT_IDENTIFIER = db.insert_all(identifier)
+# Pull cursors (sync_cursor): one row per (destination key, resource type).
+_CURSOR_KEY = (sync_cursor.c.destination == bindparam("d"), sync_cursor.c.resource_type == bindparam("rt"))
+_CURSOR = db.Prepared(select(sync_cursor.c.last_updated).where(*_CURSOR_KEY))
+_INSERT_CURSOR = db.insert_all(sync_cursor)
+_UPDATE_CURSOR = db.Prepared(
+    update(sync_cursor).where(*_CURSOR_KEY).values(last_updated=bindparam("lu"), pulled_at=bindparam("at"))
+)
 
 
 class _Current(NamedTuple):
@@ -519,6 +531,8 @@ class _Writer:
         return ids[0] if ids else None
 
     def _write(self, resource_type: str, id: str, resource: JSON, current: _Current | None, deliver_to: Any) -> Saved:
+        if self.store.labeller is not None:  # before hashing and indexing: labels are content
+            resource = self.store.labeller(resource, self._linked)
         content: JSON = {"resourceType": resource_type, "id": id}
         meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
         if meta:
@@ -547,6 +561,14 @@ class _Writer:
             statement.executemany(self.conn, rows[kind])
         self._enqueue(deliver_to, resource_type, id, version, body, rows, "upsert", now)
         return Saved(resource_type, id, version, now, False, data, created=not live, changed=True, _resource=body)
+
+    def _linked(self, reference: str) -> JSON | None:
+        """The current version of what a literal reference names (the labeller's look-up), or None."""
+        found = search_index.parse_reference(reference)
+        if found is None or found[0] is None or not ID_PATTERN.fullmatch(found[1]):
+            return None
+        row = _READ.first(self.conn, {"rt": found[0], "id": found[1]})
+        return None if row is None or row[2] or row[4] is None else fhir_json.loads(row[4])
 
     def _insert_version(
         self, resource_type: str, id: str, version: int, now: datetime, digest: bytes | None, data: bytes | None
@@ -607,6 +629,15 @@ class _Writer:
         _INSERT_IDENTIFIER.executemany(
             conn, [{"resource_type": resource_type, "system": s, "value": v, "resource_id": id} for s, v in new]
         )
+
+    def set_cursor(self, destination: str, resource_type: str, last_updated: str) -> None:
+        db.lock(self.conn, f"cursor:{destination}/{resource_type}")
+        at = to_micros(self.store.clock())
+        if _CURSOR.first(self.conn, {"d": destination, "rt": resource_type}) is None:
+            row = {"destination": destination, "resource_type": resource_type, "last_updated": last_updated, "pulled_at": at}
+            _INSERT_CURSOR.execute(self.conn, row)
+        else:
+            _UPDATE_CURSOR.execute(self.conn, {"d": destination, "rt": resource_type, "lu": last_updated, "at": at})
 
     def _enqueue(
         self,
@@ -787,6 +818,18 @@ class _Operations(ABC):
         """How many live resources match (``_summary=count``)."""
         return _Filter(resource_type, params).count(self._target())
 
+    # pull cursors
+
+    def pull_cursor(self, destination: str, resource_type: str) -> str | None:
+        """Where an incremental pull stopped: the source's ``meta.lastUpdated`` text of the
+        newest resource of the type seen (its clock, not ours), or None before the first pull."""
+        row = _CURSOR.first(self._target(), {"d": destination, "rt": resource_type})
+        return None if row is None else row[0]
+
+    def set_pull_cursor(self, destination: str, resource_type: str, last_updated: str) -> None:
+        """Move a pull cursor; in a unit of work it commits with the resources it covers."""
+        self._writing(lambda w: w.set_cursor(destination, resource_type, last_updated))
+
 
 class UnitOfWork(_Operations):
     """Store operations inside one database transaction (``with store.unit() as uow``).
@@ -808,6 +851,12 @@ class UnitOfWork(_Operations):
     def _target(self) -> Connection:
         self._check_open()
         return self._conn
+
+    @property
+    def connection(self) -> Connection:
+        """The unit's connection, for writes beside the resources that must commit with them
+        (``store.messages.record(..., conn=uow.connection)``)."""
+        return self._target()
 
     def _writing(self, fn: Callable[[_Writer], T]) -> T:
         self._check_open()
@@ -843,20 +892,27 @@ class Store(_Operations):
     Thread-safe: share one Store per process. Open with :meth:`open`; close when done.
     """
 
-    def __init__(self, engine: Engine, *, clock: Clock = utc_now, router: Router | None = None) -> None:
+    def __init__(
+        self, engine: Engine, *, clock: Clock = utc_now, router: Router | None = None, labeller: Labeller | None = None
+    ) -> None:
         self.engine = engine
         self.clock = clock
         self.router = router
+        self.labeller = labeller
         self.outbox = Outbox(engine, clock)
+        self.messages = MessageStore(engine, lambda: self.clock())  # wire messages (NCPDP): store/messages.py
 
     @classmethod
-    def open(cls, url: str, *, clock: Clock | None = None, router: Router | None = None) -> Store:
+    def open(
+        cls, url: str, *, clock: Clock | None = None, router: Router | None = None, labeller: Labeller | None = None
+    ) -> Store:
         """Connect to ``url`` and create or migrate the schema.
 
         :param url: ``sqlite:///path/to/file.db`` (directories are created) or
             ``postgresql+psycopg://user@host/db``.
         :param clock: the source of ``meta.lastUpdated`` (aware UTC datetimes); tests pin it.
         :param router: which destinations a change goes to when a write does not say.
+        :param labeller: sets each written resource's security labels (``iop_fhir.privacy.label``).
         """
         engine = db.make_engine(url)
         try:
@@ -864,7 +920,7 @@ class Store(_Operations):
         except BaseException:
             engine.dispose()
             raise
-        return cls(engine, clock=clock or utc_now, router=router)
+        return cls(engine, clock=clock or utc_now, router=router, labeller=labeller)
 
     def close(self) -> None:
         """Release every pooled connection."""

@@ -183,6 +183,12 @@ PARAMETERS: dict[str, tuple[SearchParam, ...]] = {
         MEDICATION_CODE,
         _p("effective", "date", "effectiveDateTime | effectivePeriod"),
     ),
+    # pulled from EHRs for the intake medication reconciliation (sync/pull.py)
+    "AllergyIntolerance": (
+        _p("patient", "reference", "patient", "Patient"),
+        CODE,
+        _p("clinical-status", "token", "clinicalStatus"),
+    ),
     "Consent": (
         _p("patient", "reference", "patient", "Patient"),
         STATUS,
@@ -206,6 +212,8 @@ PARAMETERS: dict[str, tuple[SearchParam, ...]] = {
         _p("authored-on", "date", "authoredOn"),
         _p("owner", "reference", "owner"),
     ),
+    # adherence alerts raised from pharmacy fills (pharmacy/adherence.py: overdue MAT refills)
+    "Flag": (*_patient(), STATUS, CATEGORY, _p("code", "token", "code"), _p("date", "date", "period")),
     "Provenance": (
         _p("target", "reference", "target"),
         _p("patient", "reference", "target", "Patient"),

@@ -58,6 +58,10 @@ V3_ROUTE = "http://terminology.hl7.org/CodeSystem/v3-RouteOfAdministration"
 V3_TIMING_ABBREVIATION = "http://terminology.hl7.org/CodeSystem/v3-GTSAbbreviation"
 V3_SUBSTITUTION = "http://terminology.hl7.org/CodeSystem/v3-substanceAdminSubstitution"
 US_CORE_PROVENANCE_PARTICIPANT = "http://hl7.org/fhir/us/core/CodeSystem/us-core-provenance-participant-type"
+# Security labels (DS4P, shared/reference §7): REDACTED (v3-ObservationValue) marks content
+# removed before a disclosure; 42CFRPart2 in the deprecated v3-ActUSPrivacyLaw is read, never written.
+V3_OBSERVATION_VALUE = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+V3_ACT_US_PRIVACY_LAW = "http://terminology.hl7.org/CodeSystem/v3-ActUSPrivacyLaw"
 
 # The project's own canonical base: extensions, code systems and default identifier systems
 # for concepts no public code system has (review actions, attendance, data categories, ...).
@@ -72,6 +76,13 @@ def extension_url(name: str) -> str:
 def code_system(name: str) -> str:
     """Canonical URL of one of the project's local code systems."""
     return f"{CANONICAL}/CodeSystem/{name}"
+
+
+# Synchronisation with outside systems: ``SYNC_SOURCE`` tags a pulled resource with the name of
+# the destination it came from (``meta.tag``; the code is the destination's name), ``SYNC`` codes
+# the work items a pull raises (displays: ``sync_display``).
+SYNC_SOURCE = code_system("source")
+SYNC = code_system("sync")
 
 
 US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
@@ -136,6 +147,23 @@ def interpretation(code: str) -> dict[str, Any]:
 def severity(name: str) -> dict[str, Any]:
     """The SNOMED CT severity qualifier of ``mild``, ``moderate`` or ``severe``."""
     return tables()["severities"][name]
+
+
+def sync_display(code: str) -> str:
+    """Display of a code of the project's ``sync`` code system (``reconcile-conflict``, ...)."""
+    return tables()["sync_codes"][code]
+
+
+def data_operation(code: str) -> dict[str, Any]:
+    """The v3-DataOperation coding (system, code, display) of ``CREATE`` or ``UPDATE`` (Provenance.activity)."""
+    return tables()["data_operations"][code]
+
+
+def security_label(code: str) -> dict[str, Any]:
+    """The ``meta.security`` Coding of a label the gateway writes (``R``, ``SUD``, ``42CFRPart2``,
+    ``NORDSCLCD``, ``REDACTED``, ...): system, code and display, from the ``security_labels`` table."""
+    entry = tables()["security_labels"][code]
+    return {"system": entry["system"], "code": code, "display": entry["display"]}
 
 
 def level_of_care(code: str) -> str:
