@@ -336,8 +336,8 @@ class _SyncContext:
 
     def __init__(self) -> None:
         from iop_fhir.config import load_settings
-        from iop_fhir.store import Store
-        from iop_fhir.sync.destinations import Router, load_destinations
+        from iop_fhir.server import open_store
+        from iop_fhir.sync.destinations import load_destinations
 
         from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -345,7 +345,7 @@ class _SyncContext:
             self.settings = load_settings()
             self.destinations = load_destinations(self.settings)
             url = self.settings["DATABASE_URL"]
-            self.store = Store.open(url, router=Router(self.destinations.values()))
+            self.store = open_store(self.settings, self.destinations)
         except IopFhirError as exc:
             raise click.ClickException(exc.message) from None
         except (ArgumentError, SQLAlchemyError) as exc:  # a malformed URL or a database away: a message

@@ -16,9 +16,16 @@ from iop_fhir.api import DESTINATIONS_KEY, STORE_KEY, admin, auth, bundles, erro
 from iop_fhir.config import load_settings
 from iop_fhir.privacy import label
 from iop_fhir.store import Store
-from iop_fhir.sync.destinations import Router, load_destinations
+from iop_fhir.sync.destinations import Destination, Router, load_destinations
 
 log = logging.getLogger("iop_fhir")
+
+
+def open_store(settings: Mapping[str, Any], destinations: Mapping[str, Destination]) -> Store:
+    """The store as every gateway process uses it (the app, the worker, the CLI): changes routed
+    to the destinations in scope, and every write security-labelled (42 CFR Part 2, DS4P) before
+    it is stored (docs/privacy.md)."""
+    return Store.open(settings["DATABASE_URL"], router=Router(destinations.values()), labeller=label)
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -32,8 +39,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     destinations = load_destinations(settings)
     app.extensions[DESTINATIONS_KEY] = destinations
-    # every write is security-labelled (42 CFR Part 2, DS4P) before it is stored: docs/privacy.md
-    app.extensions[STORE_KEY] = Store.open(settings["DATABASE_URL"], router=Router(destinations.values()), labeller=label)
+    app.extensions[STORE_KEY] = open_store(settings, destinations)
 
     errors.init_app(app)
     auth.init_app(app)
