@@ -29,6 +29,7 @@ from typing import Any
 from flask import Flask
 
 from iop_fhir.api import STORE_KEY
+from iop_fhir.api.disclosure import GATE_KEY
 from iop_fhir.errors import IopFhirError, Issue
 from iop_fhir.server import create_app
 
@@ -76,10 +77,15 @@ def run_gunicorn(app: Flask, options: Mapping[str, Any]) -> None:
     """Serve ``app`` with gunicorn until SIGINT or SIGTERM (a graceful stop)."""
     from gunicorn.app.base import BaseApplication
 
+    def worker_exit(_arbiter: Any, _worker: Any) -> None:
+        # the audit trail's buffered events (privacy/audit.py) are written before the worker goes
+        app.extensions[GATE_KEY].audit.close()
+
     class GatewayServer(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             for key, value in options.items():
                 self.cfg.set(key, value)
+            self.cfg.set("worker_exit", worker_exit)
 
         def load(self) -> Flask:
             return app

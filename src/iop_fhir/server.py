@@ -12,9 +12,12 @@ from typing import Any
 
 from flask import Flask
 
-from iop_fhir.api import DESTINATIONS_KEY, STORE_KEY, admin, auth, bundles, errors, fhir, health, iop, ncpdp, operations
+from iop_fhir.api import DESTINATIONS_KEY, STORE_KEY, admin, auth, bundles, disclosure, errors, fhir, health, iop, ncpdp, operations
 from iop_fhir.config import load_settings
 from iop_fhir.privacy import label
+from iop_fhir.privacy.audit import AuditLog
+from iop_fhir.privacy.gate import PrivacyGate
+from iop_fhir.privacy.recipients import load_clients
 from iop_fhir.store import Store
 from iop_fhir.sync.destinations import Destination, Router, load_destinations
 
@@ -40,9 +43,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     destinations = load_destinations(settings)
     app.extensions[DESTINATIONS_KEY] = destinations
     app.extensions[STORE_KEY] = open_store(settings, destinations)
+    # what leaves for a recipient is decided by consent and audited, every access too (docs/privacy.md)
+    load_clients(settings)  # a mistake in a [[client]] table stops the start, naming the key
+    audit = AuditLog(app.extensions[STORE_KEY], flush_interval=settings["AUDIT_FLUSH_INTERVAL"], max_buffer=settings["AUDIT_MAX_BUFFER"])
+    app.extensions[disclosure.GATE_KEY] = PrivacyGate(app.extensions[STORE_KEY], audit)
 
     errors.init_app(app)
     auth.init_app(app)
+    disclosure.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(fhir.bp)
     app.register_blueprint(bundles.bp)

@@ -42,6 +42,13 @@ added, what it reads and writes must lie in the patient's compartment (checked a
 entry's write, inside its unit of work), and a refusal is the entry's 403: the whole
 transaction's, or that batch entry's.
 
+For a recipient of a disclosure (``Options.release``, see :mod:`.disclosure`) what the
+response carries of stored data goes through its consent decision: a GET entry's resource (a
+withheld one is the entry's 403 ``suppressed``), a search entry's page, and the representation
+of a write that is not what the client sent (a conditional create's match, an unchanged
+update; withheld: the entry carries no resource). A PATCH entry needs a resource the recipient
+may read. Writes to AuditEvent are 405. A transaction's AuditEvent commits with it.
+
 The processor (:func:`check_transaction`, :func:`apply_transaction`, :func:`run_batch`) knows
 no Flask: ``/iop/records`` stores its record Bundles through the same functions.
 """
@@ -62,9 +69,11 @@ import jsonpatch
 import orjson
 from flask import Blueprint, Response, current_app, request
 
-from iop_fhir.api import auth, store
+from iop_fhir.api import auth, disclosure, store
 from iop_fhir.api.negotiate import read_body, respond
+from iop_fhir.api.search import Release, mark_released
 from iop_fhir.errors import (
+    ConsentDenied,
     Gone,
     IopFhirError,
     Issue,
@@ -75,6 +84,7 @@ from iop_fhir.errors import (
     operation_outcome,
 )
 from iop_fhir.formats import fhir_validate
+from iop_fhir.privacy.audit import READ_ONLY_TYPES, refuse_write
 from iop_fhir.store import Saved, Store, UnitOfWork, instant
 from iop_fhir.store.resources import ID_PATTERN
 from iop_fhir.store.search_index import InvalidSearch
@@ -120,6 +130,8 @@ class Options:
         request URLs under it are accepted.
     :param prefer: ``Prefer: return=`` (minimal, representation, OperationOutcome).
     :param confined: the entries only ``patient/`` scopes allow, by ``Bundle.entry[i]``.
+    :param release: the recipient's consent decision on what the response shows; None for
+        the program itself.
     """
 
     base: str = ""
@@ -127,6 +139,7 @@ class Options:
     max_count: int = 500
     prefer: str = "representation"
     confined: Mapping[str, auth.Confinement] = field(default_factory=dict)
+    release: Release | None = None
 
 
 @dataclass
@@ -167,6 +180,7 @@ class EntryResult:
     saved: Saved | None = None
     resource: JSON | None = None  # a GET search's searchset Bundle
     issues: list[Issue] = field(default_factory=list)
+    withheld: bool = False  # the representation is withheld from the recipient
 
     @property
     def outcome(self) -> str:
@@ -189,13 +203,16 @@ def system_bundle() -> Response:
     """``POST [base]``: a batch or transaction Bundle; answers its -response Bundle."""
     bundle = read_body()
     kind = bundle_kind(bundle)
+    disclosure.note_interaction(kind)
     opts = request_options()
     if kind == "transaction":
         entries = check_transaction(bundle, opts.base)
         with store().unit() as uow:
             results = apply_transaction(uow, entries, opts)
+            disclosure.audit_write(uow, *(r.saved for r in results if r.saved is not None))
     else:
         results = run_batch(store(), bundle, opts)
+        disclosure.note(*(r.saved for r in results if r.saved is not None))
     return respond(response_bundle(kind, results, opts))
 
 
@@ -220,7 +237,7 @@ def request_options() -> Options:
     wanted = prefer("return")
     chosen = {"minimal": "minimal", "operationoutcome": "OperationOutcome"}.get((wanted or "").lower(), "representation")
     config = current_app.config
-    return Options(fhir_base(), config["DEFAULT_COUNT"], config["MAX_COUNT"], chosen, auth.confinements())
+    return Options(fhir_base(), config["DEFAULT_COUNT"], config["MAX_COUNT"], chosen, auth.confinements(), disclosure.gatekeeper())
 
 
 # --- checking ---------------------------------------------------------------------------------
@@ -330,6 +347,8 @@ def check_entry(index: int, raw: Any, base: str, full_urls: set[str], found: lis
         raise InvalidBundle(f"{where}: {problems[0].message}", problems)
     entry = Entry(index, str(method), str(url), "")
     _parse_url(entry, base, problems)
+    if entry.method not in READS:
+        refuse_write(entry.resource_type, f"{where}.request.url")  # 405: the audit trail is read-only
     _parse_conditions(entry, req, problems)
     full_url = raw.get("fullUrl")
     entry.full_url = full_url if isinstance(full_url, str) else None
@@ -643,17 +662,39 @@ def execute(ops: Ops, e: Entry, opts: Options) -> EntryResult:
         elif e.method == "PUT":
             result = _update(ops, e)
         elif e.method == "PATCH":
+            if opts.release is not None and (current := _existing(ops, e)) is not None:
+                _screened(current, opts)  # a patch's test operations would probe what it may not read
             result = _patch(ops, e)
         else:
             result = _read(ops, e, opts)
         if e.confinement is not None:
             e.confinement.check(ops, result.saved, _INTERACTIONS[e.method] if e.version is None else "vread")
+        if opts.release is not None and result.saved is not None and not result.saved.deleted:
+            if e.method in READS:
+                result.saved = _screened(result.saved, opts)
+            elif e.method in ("POST", "PUT") and not result.saved.changed:
+                # the representation is not what the client sent: a conditional create's match, an unchanged version
+                shown = opts.release.screen([result.saved])
+                result.saved, result.withheld = (shown[0], False) if shown else (result.saved, True)
         return result
     except EntryFailed:
         raise
     except IopFhirError as exc:
         stale = isinstance(exc, PreconditionFailed) and e.if_match is not None
         raise _at(exc, e, "request.ifMatch" if stale else "request.url") from None
+
+
+def _screened(found: Saved, opts: Options) -> Saved:
+    """The version as the recipient may see it (as it is for the program itself).
+
+    :raises ConsentDenied: it is withheld from the recipient (the entry's 403).
+    """
+    if opts.release is None:
+        return found
+    shown = opts.release.screen([found])
+    if not shown:
+        raise ConsentDenied(disclosure.NOT_AVAILABLE, [Issue(disclosure.NOT_AVAILABLE, code="suppressed")])
+    return shown[0]
 
 
 def _existing(ops: Ops, e: Entry) -> Saved | None:
@@ -731,11 +772,10 @@ def _patch(ops: Ops, e: Entry) -> EntryResult:
 
 
 def _read(ops: Ops, e: Entry, opts: Options) -> EntryResult:
-    if e.id is not None and e.version is not None:
-        return EntryResult(e.index, e.method, 200, ops.vread(e.resource_type, e.id, e.version))
-    if e.id is not None:
-        return EntryResult(e.index, e.method, 200, ops.read(e.resource_type, e.id))
-    return EntryResult(e.index, e.method, 200, resource=_search(ops, e, opts))
+    if e.id is None:
+        return EntryResult(e.index, e.method, 200, resource=_search(ops, e, opts))
+    found = ops.vread(e.resource_type, e.id, e.version) if e.version is not None else ops.read(e.resource_type, e.id)
+    return EntryResult(e.index, e.method, 200, found)
 
 
 def _search(ops: Ops, e: Entry, opts: Options) -> JSON:
@@ -749,7 +789,9 @@ def _search(ops: Ops, e: Entry, opts: Options) -> JSON:
         if not text.isdigit() or int(text) > opts.max_count:
             raise InvalidSearch(f"_count must be a whole number from 0 to {opts.max_count}", [Issue(f"_count={text!r} is not 0..{opts.max_count}", "_count")])
         count = int(text)
-    total = result.get("_total") == "accurate"
+    total = result.get("_total") == "accurate" and opts.release is None  # a count would tell what is withheld
+    if opts.release is not None and e.resource_type in READ_ONLY_TYPES:
+        raise disclosure.AuditRecordsRefused.of(e.resource_type)
     page = ops.search(e.resource_type, criteria, count=count, sort=result.get("_sort"), cursor=result.get("_cursor"), total=total)
     own = [(k, v) for k, v in pairs if k not in ("_cursor", "_format", "_pretty")]
     links = [{"relation": "self", "url": _search_url(opts.base, e.resource_type, own)}]
@@ -757,13 +799,16 @@ def _search(ops: Ops, e: Entry, opts: Options) -> JSON:
         if cursor:
             links.append({"relation": relation, "url": _search_url(opts.base, e.resource_type, [*own, ("_cursor", cursor)])})
     bundle: JSON = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "searchset"}
+    shown = page.entries if opts.release is None else opts.release.screen(page.entries)
     if page.total is not None:
         bundle["total"] = page.total
+    elif opts.release is not None and page.next_cursor is None and not result.get("_cursor"):
+        bundle["total"] = len(shown)  # the whole released result
     bundle["link"] = links
-    entries = [{"fullUrl": f"{opts.base}/{s.reference}", "resource": s.resource, "search": {"mode": "match"}} for s in page.entries]
+    entries = [{"fullUrl": f"{opts.base}/{s.reference}", "resource": s.resource, "search": {"mode": "match"}} for s in shown]
     if entries:
         bundle["entry"] = entries
-    return bundle
+    return mark_released(bundle, opts.release)
 
 
 def _search_url(base: str, resource_type: str, pairs: list[tuple[str, str]]) -> str:
@@ -823,7 +868,7 @@ def _response_entry(result: EntryResult, opts: Options) -> JSON:
         response["outcome"] = operation_outcome(result.issues)
     elif result.resource is not None and result.method == "GET":
         entry["resource"] = result.resource
-    elif saved is not None and not saved.deleted and result.method != "HEAD":
+    elif saved is not None and not saved.deleted and result.method != "HEAD" and not result.withheld:
         write = result.method not in READS
         if opts.prefer == "OperationOutcome" and write:
             response["outcome"] = operation_outcome([], default=f"{result.method} {saved.reference}: {result.outcome}")

@@ -9,7 +9,9 @@ Nothing here is a hand-kept list that could drift from what the server does:
 * ``_include`` / ``_revinclude``: what :mod:`iop_fhir.api.search` accepts;
 * operations: what other blueprints put in ``app.extensions["iop_fhir.operations"]``;
 * ``transaction`` / ``batch``: present when the bundles blueprint has a route at the base;
-* security: ``app.extensions["iop_fhir.security"]`` (the auth module's SMART description).
+* security: ``app.extensions["iop_fhir.security"]`` (the auth module's SMART description);
+* read-only types (AuditEvent, the audit trail: ``privacy.audit.READ_ONLY_TYPES``) list only
+  the interactions that read (read, vread, history, search).
 
 Built once per app (everything above is fixed once the blueprints are registered); only
 ``implementation.url`` changes with the request's base URL.
@@ -27,6 +29,7 @@ from flask import Flask
 
 from iop_fhir.api.search import include_values, reference_targets, revinclude_values, served_types
 from iop_fhir.formats.fhir_validate import elements_of, model_class
+from iop_fhir.privacy.audit import READ_ONLY_TYPES
 from iop_fhir.store import SearchParam, search_parameters
 
 JSON = dict[str, Any]
@@ -36,6 +39,8 @@ SECURITY_KEY = "iop_fhir.security"
 _CACHE_KEY = "iop_fhir.capability"
 FORMATS = ["json", "xml", "application/fhir+json", "application/fhir+xml"]
 PATCH_FORMATS = ["application/json-patch+json"]
+# The interactions that read: all a read-only type offers.
+READ_INTERACTIONS = frozenset({"read", "vread", "history-instance", "history-type", "search-type"})
 # The parameters without element paths read the resource's own columns.
 _OWN_COLUMNS = {
     "_id": "The logical id of the resource",
@@ -113,6 +118,8 @@ def _codes(interactions: Iterable[Interaction]) -> list[str]:
 
 def _resource(resource_type: str, interactions: Sequence[Interaction], operations: list[JSON]) -> JSON:
     mine = [i for i in interactions if i.level in ("instance", "type")]
+    if resource_type in READ_ONLY_TYPES:
+        mine = [i for i in mine if i.code in READ_INTERACTIONS]
     codes = _codes(mine)
 
     def conditional(code: str) -> bool:
@@ -123,7 +130,7 @@ def _resource(resource_type: str, interactions: Sequence[Interaction], operation
         "profile": f"http://hl7.org/fhir/StructureDefinition/{resource_type}",
         "interaction": [{"code": code} for code in codes],
         # every write takes If-Match (api.fhir._if_match), so updates are version-aware
-        "versioning": "versioned-update" if "update" in codes else "no-version",
+        "versioning": "versioned-update" if "update" in codes else "versioned" if "vread" in codes else "no-version",
         "readHistory": "vread" in codes,
         "updateCreate": "update" in codes,
         "conditionalCreate": conditional("create"),

@@ -21,7 +21,11 @@ Decisions, where R4 leaves a choice:
 * reads serve the stored bytes for JSON as they are: no parse, no validation;
 * under ``patient/`` scopes (:class:`~iop_fhir.api.auth.Confinement`) reads check the version
   they found, searches and conditional writes get the patient added to their criteria, and
-  writes run in a unit of work that checks the version replaced and the version stored.
+  writes run in a unit of work that checks the version replaced and the version stored;
+* for a recipient of a disclosure (:mod:`.disclosure`) every version that leaves goes through
+  its consent decision: a withheld read is a 403 ``suppressed``, Bundles leave withheld entries
+  out; every write runs in a unit of work that stores its AuditEvent with it, and AuditEvent
+  itself is read-only (writes are 405).
 """
 
 from __future__ import annotations
@@ -38,11 +42,12 @@ import jsonpointer
 from flask import Blueprint, Response, current_app, request
 from werkzeug.http import http_date, parse_date
 
-from iop_fhir.api import auth, capability, search, store
+from iop_fhir.api import auth, capability, disclosure, search, store
 from iop_fhir.api.capability import Interaction
 from iop_fhir.api.negotiate import read_body, respond, response_format
 from iop_fhir.errors import Gone, IopFhirError, Issue, NotFound, PreconditionFailed, UnsupportedFormat, operation_outcome
 from iop_fhir.formats.fhir_validate import require_valid
+from iop_fhir.privacy.audit import refuse_write
 from iop_fhir.store import Saved, Store, UnitOfWork
 from iop_fhir.store.search_index import PARAMETERS
 
@@ -103,9 +108,12 @@ def _served(resource_type: str) -> None:
         raise UnknownResourceType(message, [Issue(message, code="not-supported")])
 
 
-def _start(resource_type: str) -> str:
-    """Check the type is served and settle the response format, before any work (a 404 or 406 costs nothing)."""
+def _start(resource_type: str, *, writes: bool = False) -> str:
+    """Check the type is served (and, for a write, writable) and settle the response format,
+    before any work (a 404, 405 or 406 costs nothing)."""
     _served(resource_type)
+    if writes:
+        refuse_write(resource_type)
     return _response_format()
 
 
@@ -206,17 +214,20 @@ def _shown(saved: Saved, interaction: str) -> Saved:
 
 
 def _write(resource_type: str, interaction: str, write: Callable[[Store | UnitOfWork], Saved], id: str | None = None) -> Saved:
-    """Run one write. Under ``patient/`` scopes it runs in a unit of work that checks what it
-    replaced and what it stored (a refusal stores nothing); with ``id``, the resource there is
-    checked first, so neither a 403 nor a 412 tells anything of another patient's resource."""
+    """Run one write in a unit of work that also stores the request's AuditEvent. Under
+    ``patient/`` scopes it checks what it replaced and what it stored (a refusal stores
+    nothing); with ``id``, the resource there is checked first, so neither a 403 nor a 412
+    tells anything of another patient's resource."""
     confined = auth.confinement()
-    if confined is None or not confined.covers(resource_type):
-        return write(store())
+    if confined is not None and not confined.covers(resource_type):
+        confined = None
     with store().unit() as uow:
-        if id is not None:
+        if confined is not None and id is not None:
             confined.check(uow, _current(uow, resource_type, id), interaction)
         saved = write(uow)
-        confined.check(uow, saved, interaction)
+        if confined is not None:
+            confined.check(uow, saved, interaction)
+        disclosure.audit_write(uow, saved)
     return saved
 
 
@@ -241,12 +252,21 @@ def _not_modified(saved: Saved) -> bool:
 
 
 def _serve(saved: Saved, fmt: str) -> Response:
-    """A stored version as a read answers it: conditional, shaped when asked, else the bytes as stored."""
+    """A stored version as a read answers it: what the client may see of it (the consent
+    decision first, so a conditional read tells nothing of a withheld one), conditional,
+    shaped when asked, else the bytes as stored."""
+    saved = disclosure.shown(saved)
+    disclosure.note(saved)
     headers = _version_headers(saved)
     if _not_modified(saved):
         return Response(status=304, headers=headers)
     shape = search.read_shaper(saved.resource_type, request.args) if request.query_string else None
-    return respond(saved.data if shape is None else shape(saved.resource), 200, headers, fmt=fmt)
+    return respond(_body(saved) if shape is None else shape(saved.resource), 200, headers, fmt=fmt)
+
+
+def _body(saved: Saved) -> JSON | bytes:
+    """The stored bytes, or the released copy a recipient is shown instead."""
+    return saved.data if saved.data is not None else saved.resource
 
 
 def _information(message: str) -> JSON:
@@ -262,7 +282,13 @@ def _written(saved: Saved, status: int, fmt: str) -> Response:
     if mode == "OperationOutcome":
         what = "created" if saved.created else "updated" if saved.changed else "unchanged"
         return respond(_information(f"{saved.reference} {what} (version {saved.version})"), status, headers, fmt=fmt)
-    return respond(saved.data, status, headers, fmt=fmt)
+    if not saved.changed:
+        # not what the client just wrote: a conditional create's match, or the current version
+        shown = disclosure.visible(saved)
+        if shown is None:
+            return respond(None, status, headers, fmt=fmt)
+        saved = shown
+    return respond(_body(saved), status, headers, fmt=fmt)
 
 
 # --- read, vread ---------------------------------------------------------------------------------
@@ -289,7 +315,7 @@ def vread(resource_type: str, id: str, vid: str) -> Response:
 def create(resource_type: str) -> Response:
     """POST: the server assigns the id (one in the body is ignored, R4 http.html#create);
     ``If-None-Exist`` makes it conditional (one match: 200 with it; several: 412)."""
-    fmt = _start(resource_type)
+    fmt = _start(resource_type, writes=True)
     resource = _incoming(resource_type)
     resource.pop("id", None)
     require_valid(resource)
@@ -306,7 +332,7 @@ def _query_pairs(condition: str) -> list[tuple[str, str]]:
 @_interaction("/<resource_type>/<id>", "PUT", "update", "instance")
 def update(resource_type: str, id: str) -> Response:
     """PUT: a new version, or the resource created under the client's id (201)."""
-    fmt = _start(resource_type)
+    fmt = _start(resource_type, writes=True)
     _check_id(resource_type, id)
     resource = _incoming(resource_type)
     given = resource.get("id")
@@ -323,7 +349,7 @@ def update(resource_type: str, id: str) -> Response:
 @_interaction("/<resource_type>", "PUT", "update", "type", conditional=True)
 def conditional_update(resource_type: str) -> Response:
     """``PUT Type?criteria``: update the one match, create when none matches, 412 when several do."""
-    fmt = _start(resource_type)
+    fmt = _start(resource_type, writes=True)
     criteria = _criteria(resource_type)
     resource = _incoming(resource_type)
     require_valid(resource)
@@ -334,12 +360,15 @@ def conditional_update(resource_type: str) -> Response:
 
 @_interaction("/<resource_type>/<id>", "PATCH", "patch", "instance")
 def patch(resource_type: str, id: str) -> Response:
-    """PATCH with a JSON Patch document; the patched resource is validated like any update."""
-    fmt = _start(resource_type)
+    """PATCH with a JSON Patch document; the patched resource is validated like any update.
+    A recipient patches only what it may read (a ``test`` operation would otherwise probe a
+    withheld resource)."""
+    fmt = _start(resource_type, writes=True)
     operations = _json_patch_document()
     wanted = _if_match()
     for attempt in range(PATCH_ATTEMPTS):
         current = _shown(store().read(resource_type, id), "patch")
+        disclosure.shown(current)
         if wanted is not None and current.version != wanted:
             raise _stale(wanted, current)
         patched = _apply_patch(current.resource, operations, resource_type, id)
@@ -408,7 +437,7 @@ _FIXED = ([""], ["", "id"], ["", "resourceType"])
 
 @_interaction("/<resource_type>/<id>", "DELETE", "delete", "instance")
 def delete(resource_type: str, id: str) -> Response:
-    fmt = _start(resource_type)
+    fmt = _start(resource_type, writes=True)
     wanted = _if_match()
     confined = auth.confinement()
     try:
@@ -421,6 +450,7 @@ def delete(resource_type: str, id: str) -> Response:
             saved = uow.delete(resource_type, id)
             if confined is not None:
                 confined.check(uow, saved, "delete")
+            disclosure.audit_write(uow, saved)
     except NotFound:
         if wanted is not None:
             raise
@@ -431,7 +461,7 @@ def delete(resource_type: str, id: str) -> Response:
 @_interaction("/<resource_type>", "DELETE", "delete", "type", conditional=True)
 def conditional_delete(resource_type: str) -> Response:
     """``DELETE Type?criteria``: deletes the one match; several matches are 412 (``single``)."""
-    fmt = _start(resource_type)
+    fmt = _start(resource_type, writes=True)
     criteria = _criteria(resource_type)
     confined = auth.confinement()
     with store().unit() as uow:
@@ -442,6 +472,8 @@ def conditional_delete(resource_type: str) -> Response:
         saved = uow.delete(resource_type, matches[0].id) if matches else None
         if confined is not None:
             confined.check(uow, saved, "delete")
+        if saved is not None:
+            disclosure.audit_write(uow, saved)
     return _deleted(saved, saved.reference if saved else resource_type, fmt)
 
 
@@ -460,6 +492,7 @@ def _history(resource_type: str | None, id: str | None) -> Response:
     fmt = _response_format()
     settings = current_app.config
     confined = auth.confinement()  # only instance history can be confined (api.auth)
+    disclosure.require_program(resource_type)
     st = store()
     bundle = search.history_bundle(
         resource_type,
@@ -471,6 +504,8 @@ def _history(resource_type: str | None, id: str | None) -> Response:
         default_count=settings["DEFAULT_COUNT"],
         max_count=settings["MAX_COUNT"],
         keep=None if confined is None else lambda saved: confined.shows(st, saved),
+        release=disclosure.gatekeeper(),
+        seen=lambda found: disclosure.note(*found, listed=False),
     )
     return respond(bundle, fmt=fmt)
 
@@ -501,9 +536,18 @@ def _search(resource_type: str, pairs: list[tuple[str, str]]) -> Response:
     confined = auth.confinement()
     if confined is not None:  # the patient is added to the criteria, never to the links
         parsed.criteria = confined.criteria(resource_type, parsed.criteria)
+    disclosure.require_program(resource_type)
     st = store()
     keep = None if confined is None else lambda saved: confined.shows(st, saved, included=True)
-    bundle = search.search_bundle(parsed, base=_base_url(), fmt=fmt, max_count=settings["MAX_COUNT"], keep=keep)
+    bundle = search.search_bundle(
+        parsed,
+        base=_base_url(),
+        fmt=fmt,
+        max_count=settings["MAX_COUNT"],
+        keep=keep,
+        release=disclosure.gatekeeper(),
+        seen=lambda found: disclosure.note(*found, listed=False),
+    )
     return respond(bundle, fmt=fmt)
 
 

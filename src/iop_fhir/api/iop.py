@@ -64,6 +64,15 @@ answers are ``application/json``; errors are OperationOutcomes like everywhere e
 ``GET /iop/schema``
     The record's JSON Schema (``application/schema+json``).
 
+For a recipient of a disclosure (:mod:`.disclosure`) the record is rebuilt from what it may be
+shown of the record's resources; a record whose episode is withheld (an SUD program's episode
+is Part 2 data), or whose released part no longer makes a valid record, is a 403
+``suppressed`` that says nothing more. ``/reconciliation`` lists only the resources released
+to it (``/discharge`` shows delivery states, no clinical data). ``X-Data-Withheld:
+consent-policy`` says something was left out or cut; ``X-Redisclosure-Notice`` carries the
+notice when Part 2 data is in the answer. Writes record their AuditEvent in their own unit of
+work.
+
 About Provenance versions: its ``recorded`` is the record's latest event date and its
 ``target`` the record's resources, so an edit that adds no later event and no resource (new
 instructions on a prescription) leaves it unchanged; one that does gives it a new version,
@@ -74,7 +83,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cache
@@ -83,10 +92,10 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, request
 
-from iop_fhir.api import destinations, store
+from iop_fhir.api import destinations, disclosure, store
 from iop_fhir.api.bundles import EntryResult, Options, apply_transaction, check_transaction
 from iop_fhir.api.operations import COMPARTMENT_TYPES, every, parties, read_references
-from iop_fhir.errors import Gone, IopFhirError, Issue, NotFound, RecordInvalid, UnsupportedFormat, VersionConflict
+from iop_fhir.errors import ConsentDenied, Gone, IopFhirError, Issue, NotFound, RecordInvalid, UnsupportedFormat, VersionConflict
 from iop_fhir.formats.fhir_json import JsonRejected
 from iop_fhir.mappers import episode as episode_mapper
 from iop_fhir.mappers import medication_review, provenance
@@ -147,7 +156,7 @@ def post_records() -> Response:
         records = validate_records(body, [f"/{i}" for i in range(len(body))])
     else:
         records = validate_records([body], [""])
-    results = save_records(store(), records, destinations())
+    results = save_records(store(), records, destinations(), audit=_audit_records)
     headers = {"Location": f"/iop/records/{records[0].id}"} if not isinstance(body, list) else {}
     return _json({"records": [r.as_json() for r in results]}, 201 if any(r.created for r in results) else 200, headers)
 
@@ -161,14 +170,21 @@ def put_record(record_id: str) -> Response:
     if body.get("id") != record_id:
         message = f"the record's id {body.get('id')!r} is not {record_id!r} from the URL"
         raise RecordMismatch(message, [Issue(message, "/id", code="value")])
-    results = save_records(store(), validate_records([body], [""]), destinations())
+    results = save_records(store(), validate_records([body], [""]), destinations(), audit=_audit_records)
     return _json({"records": [r.as_json() for r in results]}, 201 if results[0].created else 200)
 
 
 @bp.get("/records/<record_id>")
 def get_record(record_id: str) -> Response:
     """The record rebuilt from the store (409 when the stored data no longer makes one)."""
-    record, warnings = rebuild_record(store(), record_id, request.args.get("system"))
+    keeper = disclosure.gatekeeper()
+    record, warnings = rebuild_record(
+        store(),
+        record_id,
+        request.args.get("system"),
+        screen=keeper.screen if keeper else None,
+        seen=lambda found: disclosure.note(*found, listed=False),
+    )
     headers = {"X-IOP-Mapping-Warnings": str(len(warnings))} if warnings else {}
     return _json(record.model_dump(mode="json", exclude_none=True), 200, headers)
 
@@ -177,6 +193,7 @@ def get_record(record_id: str) -> Response:
 def get_discharge(record_id: str) -> Response:
     """Where the record's discharge package is: per destination pending, delivered or failed."""
     episode, _ = find_episode(store(), record_id, request.args.get("system"))
+    disclosure.note(episode, listed=False)
     return _json(discharge.discharge_status(store(), episode.resource))
 
 
@@ -184,7 +201,38 @@ def get_discharge(record_id: str) -> Response:
 def get_reconciliation(record_id: str) -> Response:
     """The intake medication reconciliation: the IOP's prescriptions beside outside medications."""
     episode, _ = find_episode(store(), record_id, request.args.get("system"))
-    return _json(reconcile.reconciliation(store(), episode.resource).as_json())
+    disclosure.note(episode, listed=False)
+    view = reconcile.reconciliation(store(), episode.resource).as_json()
+    keeper = disclosure.gatekeeper()
+    return _json(view if keeper is None else _released_view(view, keeper.screen))
+
+
+NOT_AVAILABLE = "the record is not available to this client under the patient's consent directives"
+Screen = Callable[[Sequence[Saved]], list[Saved]]
+Seen = Callable[[Sequence[Saved]], None]
+
+
+def _released_view(view: JSON, screen: Screen) -> JSON:
+    """The reconciliation without the lines of resources the recipient may not see; the
+    conflicts' free text as the released Task has it; no mapping issues once anything is left
+    out (they locate and describe the data)."""
+    lines = [("prescriptions", "reference"), ("outside_medications", "reference"), ("conflicts", "task")]
+    wanted: dict[str, list[str]] = {}
+    for key, ref in lines:
+        for line in view[key]:
+            rtype, _, rid = str(line.get(ref) or "").partition("/")
+            if rtype and rid:
+                wanted.setdefault(rtype, []).append(rid)
+    st = store()
+    shown = {s.reference: s for s in screen([found for rtype, ids in wanted.items() for found in st.read_many(rtype, ids)])}
+    out = dict(view)
+    for key, ref in lines:
+        out[key] = [line for line in view[key] if line.get(ref) in shown]
+    for line in out["conflicts"]:
+        line["description"] = shown[line["task"]].resource.get("description")
+    if any(len(out[key]) < len(view[key]) for key, _ in lines):
+        out["issues"] = []
+    return out
 
 
 @bp.get("/schema")
@@ -252,14 +300,30 @@ def validate_records(items: list[Any], prefixes: list[str]) -> list[IopRecord]:
 # --- storing ------------------------------------------------------------------------------------
 
 
-def save_records(st: Store, records: list[IopRecord], targets: Mapping[str, Destination] | None = None) -> list[RecordResult]:
+def save_records(
+    st: Store,
+    records: list[IopRecord],
+    targets: Mapping[str, Destination] | None = None,
+    *,
+    audit: Callable[[UnitOfWork, list[RecordResult]], None] | None = None,
+) -> list[RecordResult]:
     """Store the records' Bundles in one unit of work (all or none), with the discharge
-    package of each discharged record (addressed to those of ``targets`` serving its aftercare)."""
+    package of each discharged record (addressed to those of ``targets`` serving its aftercare).
+
+    :param audit: records the write's AuditEvent in the same unit of work.
+    """
     with st.unit() as uow:
         results = [save_record(uow, record, f"/{i}" if len(records) > 1 else "") for i, record in enumerate(records)]
         for record in records:
             discharge.schedule_discharge(uow, record, targets or {})
+        if audit is not None:
+            audit(uow, results)
         return results
+
+
+def _audit_records(uow: UnitOfWork, results: list[RecordResult]) -> None:
+    """The request's AuditEvent, naming every resource written, inside the records' unit of work."""
+    disclosure.audit_write(uow, *(f"{r['reference']}/_history/{r['version']}" for result in results for r in result.resources))
 
 
 def save_record(uow: UnitOfWork, record: IopRecord, pointer: str = "") -> RecordResult:
@@ -339,16 +403,31 @@ def _at_record(exc: IopFhirError, bundle: JSON, record_id: str, pointer: str) ->
 # --- rebuilding ---------------------------------------------------------------------------------
 
 
-def rebuild_record(st: Store, record_id: str, system: str | None = None) -> tuple[IopRecord, list[Issue]]:
+def rebuild_record(
+    st: Store, record_id: str, system: str | None = None, *, screen: Screen | None = None, seen: Seen | None = None
+) -> tuple[IopRecord, list[Issue]]:
     """The record stored under ``record_id`` and the mapping warnings.
 
+    :param screen: what a recipient may be shown of the record's resources (its consent
+        decision); None for the program itself.
+    :param seen: told which resources make the record (the request's audit).
     :raises NotFound: no episode with that id.
     :raises VersionConflict: several programs hold one (choose with ``system``).
     :raises RecordNotRebuilt: the stored resources no longer make a valid record.
+    :raises ConsentDenied: the recipient may not see the episode, or what it may see makes no record.
     """
     episode, base = find_episode(st, record_id, system)
     resources = record_resources(st, episode, base, record_id)
+    if seen is not None:
+        seen(resources)
+    if screen is not None:
+        resources = screen(resources)
+        if not any(s.reference == episode.reference for s in resources):
+            raise ConsentDenied(NOT_AVAILABLE, [Issue(NOT_AVAILABLE, code="suppressed")])
     result = resources_to_record([s.resource for s in resources])
+    if screen is not None and (result.record is None or result.report.errors):
+        # what is missing would show in the report: say no more than that the record is not available
+        raise ConsentDenied(NOT_AVAILABLE, [Issue(NOT_AVAILABLE, code="suppressed")])
     if result.record is None or result.report.errors:
         issues = [Issue(f"the stored resources of record {record_id} no longer make a valid record", "", "error", "conflict")]
         raise RecordNotRebuilt(issues[0].message, issues + [i for i in result.report.issues if i.severity != "information"])

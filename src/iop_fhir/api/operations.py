@@ -41,6 +41,12 @@ information issue saying it is valid; stores nothing. Unknown type: 404. A body 
 JSON or XML at all is a 400 (that is the request failing, not the resource).
 
 Unknown parameters are ignored, or a 400 under ``Prefer: handling=strict``.
+
+For a recipient of a disclosure (:mod:`.disclosure`), ``$everything`` and
+``$medication-history`` pass what they gathered through its consent decision before anything
+else is derived from it: withheld resources are left out, the parties included are those the
+released copies reference, ``total`` and the pages count only what is released, and the Bundle
+says data was withheld (``meta.security`` ``REDACTED``, an outcome entry) without saying what.
 """
 
 from __future__ import annotations
@@ -54,8 +60,9 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, request
 from flask.blueprints import BlueprintSetupState
 
-from iop_fhir.api import store
+from iop_fhir.api import disclosure, store
 from iop_fhir.api.bundles import fhir_base, prefer, references
+from iop_fhir.api.search import mark_released
 from iop_fhir.api.negotiate import EmptyBody, read_body, respond
 from iop_fhir.errors import IopFhirError, Issue, NotFound, RecordInvalid, operation_outcome
 from iop_fhir.formats import fhir_validate
@@ -301,11 +308,17 @@ def everything(pid: str) -> Response:
     matches.extend(
         s for s in read_references(st, reached, have) if _names_patient(s.resource, reference) and _wanted(types, s.resource_type, s, since)
     )
+    keeper = disclosure.gatekeeper()
+    disclosure.note(patients=[pid])
+    if keeper is not None:  # before anything is derived from them: includes, totals, pages
+        matches = keeper.screen(matches)
     includes = [s for s in parties(st, matches, base, have) if types is None or s.resource_type in types]
+    if keeper is not None:
+        includes = keeper.screen(includes)
     everything_found = [*matches, *includes]
     total = len(everything_found)
     if count is None:
-        return respond(searchset(matches, includes, base, total=total))
+        return respond(mark_released(searchset(matches, includes, base, total=total), keeper))
     # matches come first in the list, so a page splits into its matches and its includes
     split = min(max(len(matches) - offset, 0), count)
     page = everything_found[offset : offset + count]
@@ -317,7 +330,7 @@ def everything(pid: str) -> Response:
         links.append(_link("next", url, own, count, offset + count))
     if offset > 0:
         links.append(_link("previous", url, own, count, max(0, offset - count)))
-    return respond(searchset(page_matches, page_includes, base, total=total, links=links))
+    return respond(mark_released(searchset(page_matches, page_includes, base, total=total, links=links), keeper))
 
 
 def _wanted(types: set[str] | None, rtype: str, saved: Saved, since: str | None) -> bool:
@@ -395,6 +408,10 @@ def medication_history(pid: str) -> Response:
         *every(st, "Observation", [subject, ("code", ADHERENCE_CODE)]),
     ]
     matches.sort(key=lambda s: (-event_time(s), -_micros(s.last_updated), s.resource_type, s.id))
+    keeper = disclosure.gatekeeper()
+    disclosure.note(patients=[pid])
+    if keeper is not None:
+        matches = keeper.screen(matches)
     have = {patient.reference, *(s.reference for s in matches)}
     wanted = [
         (t, i)
@@ -406,7 +423,9 @@ def medication_history(pid: str) -> Response:
     ]
     direct = read_references(st, wanted, have)
     includes = [patient, *direct, *parties(st, direct, base, have, frozenset({"Practitioner", "Organization"}))]
-    return respond(searchset(matches, includes, base))
+    if keeper is not None:
+        includes = keeper.screen(includes)
+    return respond(mark_released(searchset(matches, includes, base), keeper))
 
 
 @bp.get(f"/OperationDefinition/{MEDICATION_HISTORY_ID}")

@@ -14,6 +14,18 @@ search value means; this module owns what FHIR puts around them (R4 search.html)
 * ``Bundle.total``: always for ``_summary=count`` (and ``_count=0``), on ``_total=accurate``
   or ``estimate``, and whenever it costs nothing (a first page without a next page).
 
+For a recipient of a disclosure (``release``, :class:`Release`: the request's consent
+decision, ``api.disclosure``) every page is screened: withheld resources are left out, the
+rest are the released copies (labelled, redacted), and a page short of ``_count`` because
+of them is filled from the following results (at most :data:`MAX_FILL` fetches), so its
+length tells nothing. ``Bundle.total`` counts only what the recipient may see: for
+``_summary=count``, ``_count=0`` and ``_total`` every match is decided (at most
+:data:`COUNT_LIMIT` of them; beyond, no total and an outcome issue says why); otherwise it is
+given when the whole released result is on the page. The Bundle carries ``meta.security`` ``REDACTED``
+and an outcome entry saying data was withheld (without what); with Part 2 data shown, the
+``42CFRPart2`` and ``NORDSCLCD`` labels in ``meta.security``, and the notice against
+redisclosure in the outcome entry and in ``meta.extension`` (``redisclosure-notice``).
+
 Entries: for JSON the stored bytes are spliced into the Bundle as they are (``orjson.Fragment``:
 no parse, no re-serialisation, decimals untouched); XML and subsetting need the parsed dict.
 Functions here take what they need (base URL, format, strictness, limits) as arguments, so the
@@ -26,7 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import orjson
@@ -58,6 +70,29 @@ SUBSETTED = {
 }
 _ALWAYS = frozenset({"resourceType", "id", "meta"})
 _ANY_TYPE = "Resource"  # enum_reference_types value for Reference(Any)
+MAX_FILL = 8  # fetches per page at most while withheld resources leave it short of _count
+COUNT_LIMIT = 5000  # matches decided at most for a recipient's total
+
+
+class Release(Protocol):
+    """What a recipient may be shown of stored versions (``api.disclosure.Gatekeeper``)."""
+
+    def screen(self, found: Sequence[Saved]) -> list[Saved]:
+        """The versions that may be shown, in order, as released copies (``Saved.resource``)."""
+        ...
+
+    def count(self, found: Sequence[Saved]) -> int:
+        """How many of ``found`` may be shown (decided for a total, nothing disclosed)."""
+        ...
+
+    def outcome(self) -> list[Issue]:
+        """What a Bundle's outcome says: data withheld, the notice against redisclosure."""
+        ...
+
+    def bundle_meta(self) -> JSON | None:
+        """``Bundle.meta`` of a screened Bundle (``privacy.gate.bundle_meta``): ``REDACTED`` when
+        anything was withheld or cut; with Part 2 data, its labels and the notice."""
+        ...
 
 
 def served_types() -> tuple[str, ...]:
@@ -435,42 +470,65 @@ def _ignored_issues(ignored: list[str]) -> list[Issue]:
 
 
 Keep = Callable[[Saved], bool]
+Seen = Callable[[Sequence[Saved]], None]
 
 
-def search_bundle(request: SearchRequest, *, base: str, fmt: str, max_count: int, keep: Keep | None = None) -> JSON:
+def search_bundle(
+    request: SearchRequest,
+    *,
+    base: str,
+    fmt: str,
+    max_count: int,
+    keep: Keep | None = None,
+    release: Release | None = None,
+    seen: Seen | None = None,
+) -> JSON:
     """Run a parsed search and answer with its searchset Bundle (one page).
 
     :param keep: which ``_include`` / ``_revinclude`` results the page may show (the caller's
         access rules, :meth:`iop_fhir.api.auth.Confinement.shows`); all when None.
+    :param release: the recipient's screen (see the module doc); None for the program itself.
+    :param seen: told what the Bundle shows (the request's audit).
     """
     resource_type = request.resource_type
     st = store()
     bundle: JSON = {"resourceType": "Bundle", "type": "searchset"}
     outcome = _ignored_issues(request.ignored)
+
+    def fetch(count: int, cursor: str | None, total: bool = False) -> Page[Saved]:
+        sort = request.sort or None
+        return st.search(resource_type, request.criteria, count=count, sort=sort, cursor=cursor, total=total)
+
     if request.summary == "count" or request.count == 0:
-        bundle["total"] = st.count(resource_type, request.criteria)
+        if release is None:
+            bundle["total"] = st.count(resource_type, request.criteria)
+        else:
+            _released_total(bundle, outcome, fetch, release, max_count)
+            _secure(bundle, release)
         bundle["link"] = _links(base, resource_type, request.used, None, None)
         if outcome:
             bundle["entry"] = [_outcome_entry(outcome)]
         return bundle
-    page = st.search(
-        resource_type,
-        request.criteria,
-        count=request.count,
-        sort=request.sort or None,
-        cursor=request.cursor,
-        total=request.total in ("accurate", "estimate"),
-    )
-    if page.total is not None:
-        bundle["total"] = page.total
-    elif request.total != "none" and request.cursor is None and page.next_cursor is None:
-        bundle["total"] = len(page.entries)  # the whole result is on this page: counting is free
+
+    if release is None:
+        page = fetch(request.count, request.cursor, request.total in ("accurate", "estimate"))
+        matches = page.entries
+        if page.total is not None:
+            bundle["total"] = page.total
+        elif request.total != "none" and request.cursor is None and page.next_cursor is None:
+            bundle["total"] = len(matches)  # the whole result is on this page: counting is free
+    else:
+        matches, page = fill(fetch, request.count, request.cursor, release.screen)
+        if request.total in ("accurate", "estimate"):
+            _released_total(bundle, outcome, fetch, release, max_count)
+        elif request.total != "none" and request.cursor is None and page.next_cursor is None:
+            bundle["total"] = len(matches)  # the whole released result is on this page
     bundle["link"] = _links(base, resource_type, request.used, page, request.cursor)
     shape = shaper(resource_type, request.summary, request.elements)
-    entries = [_entry(s, base, fmt, "match", shape) for s in page.entries]
-    extra = _included(page.entries, request.includes, base) if request.includes else []
+    entries = [_entry(s, base, fmt, "match", shape) for s in matches]
+    extra = _included(matches, request.includes, base) if request.includes else []
     if request.revincludes:
-        found, truncated = _revincluded(resource_type, page.entries, request.revincludes, max_count)
+        found, truncated = _revincluded(resource_type, matches, request.revincludes, max_count)
         extra.extend(found)
         message = "{} found more than {} resources; only the first {} are included"
         outcome.extend(
@@ -479,15 +537,86 @@ def search_bundle(request: SearchRequest, *, base: str, fmt: str, max_count: int
         )
     if keep is not None:
         extra = [s for s in extra if keep(s)]
-    seen = {(s.resource_type, s.id) for s in page.entries}
+    present = {(s.resource_type, s.id) for s in matches}
+    extra = [s for s in extra if (s.resource_type, s.id) not in present]
+    if release is not None:
+        extra = release.screen(extra)
     for saved in extra:
-        if (saved.resource_type, saved.id) not in seen:
-            seen.add((saved.resource_type, saved.id))
+        if (saved.resource_type, saved.id) not in present:
+            present.add((saved.resource_type, saved.id))
             entries.append(_entry(saved, base, fmt, "include"))
+    if release is not None:
+        outcome.extend(release.outcome())
+        _secure(bundle, release)
+    if seen is not None:
+        seen([*matches, *extra])
     if outcome:
         entries.append(_outcome_entry(outcome))
     if entries:
         bundle["entry"] = entries
+    return bundle
+
+
+def _released_total(
+    bundle: JSON, outcome: list[Issue], fetch: Callable[[int, str | None], Page[Saved]], release: Release, page_size: int
+) -> None:
+    """``Bundle.total`` for a recipient: the matches it may see, every one decided (a count of
+    the store would tell how much is withheld); beyond :data:`COUNT_LIMIT` matches, no total."""
+    total = examined = 0
+    cursor: str | None = None
+    while True:
+        page = fetch(page_size, cursor)
+        examined += len(page.entries)
+        total += release.count(page.entries)
+        cursor = page.next_cursor
+        if cursor is None:
+            bundle["total"] = total
+            return
+        if examined >= COUNT_LIMIT:
+            message = f"no total: more than {COUNT_LIMIT} matches would have to be decided one by one under the patients' consent directives"
+            outcome.append(Issue(message, location="_total", severity="information", code="too-costly"))
+            return
+
+
+def fill(
+    fetch: Callable[[int, str | None], Page[Saved]], count: int, cursor: str | None, screen: Callable[[Sequence[Saved]], list[Saved]]
+) -> tuple[list[Saved], Page[Saved]]:
+    """A page of ``count`` versions a recipient may see: fetch, screen, and while withheld ones
+    leave it short, fetch exactly the missing number from where the last fetch ended (so the
+    next cursor still points right after what was examined); at most :data:`MAX_FILL` fetches.
+
+    :returns: what is shown, and a page whose cursors are those of the first and last fetch.
+    """
+    first = page = fetch(count, cursor)
+    shown = screen(page.entries)
+    for _ in range(MAX_FILL - 1):
+        if len(shown) >= count or page.next_cursor is None:
+            break
+        page = fetch(count - len(shown), page.next_cursor)
+        shown += screen(page.entries)
+    return shown, Page(shown, next_cursor=page.next_cursor, prev_cursor=first.prev_cursor)
+
+
+def _secure(bundle: JSON, release: Release) -> None:
+    """``Bundle.meta`` of a screened Bundle, placed where FHIR puts ``meta``."""
+    marks = release.bundle_meta()
+    if marks:
+        rest = {k: v for k, v in bundle.items() if k not in ("resourceType", "id", "meta")}
+        head = {k: bundle[k] for k in ("resourceType", "id") if k in bundle}
+        meta = {**(bundle.get("meta") or {}), **marks}
+        bundle.clear()
+        bundle.update(head, meta=meta, **rest)
+
+
+def mark_released(bundle: JSON, release: Release | None) -> JSON:
+    """A searchset Bundle built from screened versions (``$everything``, ``$medication-history``,
+    a search inside a batch): its ``meta`` and the outcome entry of the screen."""
+    if release is None:
+        return bundle
+    _secure(bundle, release)
+    issues = release.outcome()
+    if issues:
+        bundle.setdefault("entry", []).append(_outcome_entry(issues))
     return bundle
 
 
@@ -506,6 +635,8 @@ def history_bundle(
     default_count: int,
     max_count: int,
     keep: Keep | None = None,
+    release: Release | None = None,
+    seen: Seen | None = None,
 ) -> JSON:
     """A history Bundle (newest first) of one resource, a type, or everything, one page.
 
@@ -515,6 +646,10 @@ def history_bundle(
     :param keep: which versions the page may show (the caller's access rules); all when None.
         Versions left out shorten the page, and the total is then given only for a history
         that fits on one page.
+    :param release: the recipient's screen: versions withheld are left out and the page is
+        filled from older ones (see the module doc). A history Bundle has no place for an
+        outcome entry: it says what was withheld and carries the notice in ``meta`` only.
+    :param seen: told what the Bundle shows (the request's audit).
     """
     used = [(k, v) for k, v in pairs if k in HISTORY_PARAMETERS]
     # A history Bundle has no place for an outcome entry (bdl-2, bdl-3): under lenient handling
@@ -524,11 +659,23 @@ def history_bundle(
     cursor = args.get("_cursor")
     count = parse_count(args.get("_count"), default_count, max_count)
     since = parse_since(args.get("_since"))
-    page = store().history(resource_type, id, since=since, count=count, cursor=cursor, total=count == 0)
+
+    def fetch(n: int, at: str | None) -> Page[Saved]:
+        return store().history(resource_type, id, since=since, count=n, cursor=at, total=n == 0 and release is None)
+
+    if release is None or count == 0:
+        page = fetch(count, cursor)
+        shown = page.entries if keep is None else [s for s in page.entries if keep(s)]
+    else:
+        screen = release.screen
+
+        def kept(found: Sequence[Saved]) -> list[Saved]:
+            return screen([s for s in found if keep is None or keep(s)])
+
+        shown, page = fill(fetch, count, cursor, kept)
     path = "/".join(p for p in (resource_type, id, "_history") if p)
     bundle: JSON = {"resourceType": "Bundle", "type": "history"}
-    shown = page.entries if keep is None else [s for s in page.entries if keep(s)]
-    if page.total is not None and keep is None:
+    if page.total is not None and keep is None and release is None:
         bundle["total"] = page.total
     elif cursor is None and page.next_cursor is None and count > 0:
         bundle["total"] = len(shown)  # the whole history is on this page: counting is free
@@ -536,6 +683,10 @@ def history_bundle(
     entries = [_history_entry(s, base, fmt) for s in shown]
     if entries:
         bundle["entry"] = entries
+    if release is not None:
+        _secure(bundle, release)
+    if seen is not None:
+        seen(shown)
     return bundle
 
 
@@ -555,12 +706,16 @@ def _history_entry(saved: Saved, base: str, fmt: str) -> JSON:
 
 
 __all__ = [
+    "MAX_FILL",
     "RESULT_PARAMETERS",
     "SUBSETTED",
     "Include",
+    "Release",
     "SearchRequest",
+    "fill",
     "history_bundle",
     "include_values",
+    "mark_released",
     "parse_count",
     "parse_since",
     "read_shaper",

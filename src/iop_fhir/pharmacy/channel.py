@@ -43,6 +43,15 @@ store (kind NewRx, status ``refused``, the reasons as detail, an empty body: not
 sent) and the delivery goes dead with every reason and FHIR path in its error, so
 ``iop-fhir sync status`` and ``/admin/sync/deliveries`` show why.
 
+**Consent.** A NewRx or CancelRx discloses the prescription (Part 2 data when it is MAT), its
+patient and the diagnoses it gives as reasons; before one is sent (or re-sent) they pass the
+privacy gate for the pharmacy's recipient (its NCPDPID, the destination's ``recipient``; exit
+``ncpdp:<destination>``), which audits the decision. A prescription or patient withheld
+refuses the message: recorded as ``refused`` with the reason, the delivery dead with
+``no Part 2 consent for pharmacy <NCPDPID>`` (or the consent's refusal); a diagnosis withheld
+is left out of the message. A CancelRx is gated too: after a revocation the dead delivery says
+why, and the pharmacy must be told some other way.
+
 **Answers.** Each message is recorded (``sent``) before it is posted, then its synchronous
 answer is recorded (inbound, ``received``) and the outbound status set: Status -> ``accepted``,
 Verify -> ``verified`` (unless the inbound side recorded ``approved``/``denied`` meanwhile),
@@ -68,6 +77,7 @@ Error gets a fresh MessageID when tried again (a pharmacy may remember the faile
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -77,16 +87,21 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from iop_fhir.errors import Gone, IopFhirError, NotFound, PermanentDeliveryError, TransientDeliveryError
+from iop_fhir.errors import Gone, IopFhirError, Issue, NotFound, PermanentDeliveryError, TransientDeliveryError
 from iop_fhir.formats import ncpdp
 from iop_fhir.formats.ncpdp import messages as m
 from iop_fhir.mappers.datatypes import as_dict, as_list, code_in_any, identifier_values
 from iop_fhir.pharmacy import script_mapping
 from iop_fhir.pharmacy.controlled import lookup
+from iop_fhir.privacy.audit import AuditLog
+from iop_fhir.privacy.gate import PrivacyGate, name_of
+from iop_fhir.privacy.labels import reference_key
+from iop_fhir.privacy.recipients import recipient_for_destination
 from iop_fhir.store import Delivery, Store
 from iop_fhir.store.search_index import parse_reference
 from iop_fhir.sync.destinations import Destination
 from iop_fhir.sync.fhir_client import BODY_EXCERPT, DestinationHttp
+from iop_fhir.sync.release import WHO, aligned, ensure_audited, without_references
 from iop_fhir.terminology import MEDREQ_CATEGORY, NCPDP_PROVIDER, SYNC_SOURCE
 
 if TYPE_CHECKING:
@@ -258,6 +273,7 @@ class NcpdpChannel:
         self,
         destination: Destination,
         store: Store,
+        gate: PrivacyGate | None = None,
         *,
         session: requests.Session | None = None,
         new_message_id: Callable[[], str] | None = None,
@@ -267,6 +283,10 @@ class NcpdpChannel:
         self.destination = destination
         self.ncpdp_id = destination.ncpdp_id
         self.store = store
+        # the worker's gate; without one the channel keeps its own (and closes its audit log)
+        self._owns_gate = gate is None
+        self._gate = gate or PrivacyGate(store, AuditLog(store))
+        self._recipient = recipient_for_destination(destination)
         self.link = ScriptLink(destination, store, session=session)
         self._new_id = new_message_id or (lambda: str(uuid.uuid4()))
         # Permanent refusals by claim (delivery id, attempts, lease): when the worker splits a
@@ -300,6 +320,8 @@ class NcpdpChannel:
 
     def close(self) -> None:
         self.link.close()
+        if self._owns_gate:
+            self._gate.audit.close()
 
     # -- what the prescription says
 
@@ -384,34 +406,66 @@ class NcpdpChannel:
 
     def _ensure_sent(self, order: _Order, held: _Held, patient_key: str | None) -> None:
         previous = held.new_rx if held.cancel is None else None
-        message = self._new_rx(order, patient_key)
-        if previous is not None:
-            changed = _changed_fields(_prescribed(previous.body), message.body.medication)
-            if previous.status == SENT and not changed:
+        if previous is not None and previous.status != SENT:  # the pharmacy holds it: compared, nothing sent
+            changed = _changed_fields(_prescribed(previous.body), self._new_rx(order, patient_key, self._resolve).body.medication)
+            if not changed:
+                log.debug("%s: %s is at the pharmacy as sent (NewRx %s)", self.destination.name, order.reference, previous.message_id)
+                return
+            raise PermanentDeliveryError(
+                f"{order.reference} version {order.version} changed {', '.join(changed)} after its NewRx {previous.message_id} "
+                f"was {previous.status} by pharmacy {self.ncpdp_id}; SCRIPT cannot amend a prescription: stop it and "
+                f"write a new one that replaces it (priorPrescription)"
+            )
+        released, resolve = self._released("NewRx", order, patient_key)
+        message = self._new_rx(released, patient_key, resolve)
+        if previous is not None:  # sent before, no answer yet
+            if not _changed_fields(_prescribed(previous.body), message.body.medication):
                 log.info("%s: re-sending NewRx %s of %s, unanswered so far", self.destination.name, previous.message_id, order.reference)
                 self.link.post(previous.id, previous.body, message_id=previous.message_id, prescription=order.reference, patient_key=patient_key)
                 return
-            if previous.status == SENT:
-                self.store.messages.set_status(previous.id, SUPERSEDED, f"replaced by a NewRx of version {order.version}")
-            elif not changed:
-                log.debug("%s: %s is at the pharmacy as sent (NewRx %s)", self.destination.name, order.reference, previous.message_id)
-                return
-            else:
-                raise PermanentDeliveryError(
-                    f"{order.reference} version {order.version} changed {', '.join(changed)} after its NewRx {previous.message_id} "
-                    f"was {previous.status} by pharmacy {self.ncpdp_id}; SCRIPT cannot amend a prescription: stop it and "
-                    f"write a new one that replaces it (priorPrescription)"
-                )
+            self.store.messages.set_status(previous.id, SUPERSEDED, f"replaced by a NewRx of version {order.version}")
         self._send(message, order, patient_key, detail=f"version {order.version}")
 
-    def _new_rx(self, order: _Order, patient_key: str | None) -> m.Message:
+    def _new_rx(self, order: _Order, patient_key: str | None, resolve: Callable[[str], JSON | None]) -> m.Message:
         try:
-            return script_mapping.new_rx(order.resource, self._resolve, message_id=self._new_id(), sent=self.store.clock(), to_ncpdp_id=self.ncpdp_id)
+            return script_mapping.new_rx(order.resource, resolve, message_id=self._new_id(), sent=self.store.clock(), to_ncpdp_id=self.ncpdp_id)
         except m.NcpdpInvalid as exc:
             raise self._refused("NewRx", order, exc, patient_key) from None
 
+    def _released(self, kind: str, order: _Order, patient_key: str | None) -> tuple[_Order, Callable[[str], JSON | None]]:
+        """Pass what a message discloses through the gate: the prescription, its patient and the
+        conditions it gives as reasons. Returns the order as released and a look-up answering
+        with the released copies (the store for the rest: prescriber, pharmacy, medication).
+
+        :raises PermanentDeliveryError: the prescription or the patient is withheld from this
+            pharmacy (the refusal is recorded, and audited by the gate).
+        """
+        request = order.resource
+        linked = [as_dict(request.get("subject")).get("reference")]
+        linked += [as_dict(reason).get("reference") for reason in as_list(request.get("reasonReference"))]
+        # literal references only: a contained resource is disclosed as part of the prescription
+        found = {reference_key(ref): r for ref in linked if isinstance(ref, str) and not ref.startswith("#") and (r := self._resolve(ref)) is not None}
+        resources = [request, *found.values()]
+        disclosure = self._gate.release(resources, self._recipient, exit=f"ncpdp:{self.destination.name}", who=WHO)
+        ensure_audited(self._gate)
+        copies = aligned(resources, disclosure)
+        for position, (resource, copy) in enumerate(zip(resources, copies, strict=True)):
+            if copy is None and resource.get("resourceType") in ("MedicationRequest", "Patient"):
+                verdict = disclosure.verdicts.get(name_of(resource, position))
+                raise self._withheld(kind, order, resource, verdict.part2 if verdict else True, verdict.reason if verdict else "withheld", patient_key)
+        gone = {reference_key(name_of(r, i)) for i, (r, c) in enumerate(zip(resources, copies, strict=True)) if c is None}
+        shown = {reference_key(name_of(r, i)): c for i, (r, c) in enumerate(zip(resources, copies, strict=True)) if c is not None}
+        released = dataclasses.replace(order, resource=without_references(shown.pop(reference_key(order.reference)), gone))
+
+        def resolve(reference: str) -> JSON | None:
+            key = reference_key(reference)
+            return shown[key] if key in shown else None if key in gone else self._resolve(reference)
+
+        return released, resolve
+
     def _ensure_cancelled(self, order: _Order, held: _Held, addressed: bool, patient_key: str | None) -> None:
         assert held.new_rx is not None
+        order, resolve = self._released("CancelRx", order, patient_key)
         if held.cancel is not None:  # sent before without an answer: the same bytes again
             log.info("%s: re-sending CancelRx %s of %s, unanswered so far", self.destination.name, held.cancel.message_id, order.reference)
             self.link.post(held.cancel.id, held.cancel.body, message_id=held.cancel.message_id, prescription=order.reference, patient_key=patient_key)
@@ -420,7 +474,7 @@ class NcpdpChannel:
         try:
             message = script_mapping.cancel_rx(
                 request,
-                self._resolve,
+                resolve,
                 message_id=self._new_id(),
                 sent=self.store.clock(),
                 to_ncpdp_id=self.ncpdp_id,
@@ -460,6 +514,18 @@ class NcpdpChannel:
     def _refused(self, kind: str, order: _Order, exc: m.NcpdpInvalid, patient_key: str | None) -> PermanentDeliveryError:
         """Record a message that may not be sent (once per reason) and the error that kills the delivery."""
         reasons = "; ".join(str(issue) for issue in exc.issues) or exc.message
+        self._record_refusal(kind, order, reasons, patient_key)
+        return PermanentDeliveryError(f"{kind} of {order.reference} version {order.version} refused: {reasons}", exc.issues)
+
+    def _withheld(self, kind: str, order: _Order, resource: JSON, part2: bool, reason: str, patient_key: str | None) -> PermanentDeliveryError:
+        """A message the patient's consents do not let go to this pharmacy: recorded as refused
+        (once per reason) and the error that kills the delivery, visibly."""
+        why = f"no Part 2 consent for pharmacy {self.ncpdp_id}" if part2 else f"not disclosed to pharmacy {self.ncpdp_id}: {reason}"
+        self._record_refusal(kind, order, why, patient_key)
+        where = str(resource.get("resourceType"))
+        return PermanentDeliveryError(f"{kind} of {order.reference} version {order.version} withheld: {why}", [Issue(why, location=where, code="suppressed")])
+
+    def _record_refusal(self, kind: str, order: _Order, reasons: str, patient_key: str | None) -> None:
         attempts = self._sent(order.reference, (kind,))
         last = attempts[-1] if attempts else None
         if last is None or last.status != REFUSED or last.detail != reasons:
@@ -474,7 +540,6 @@ class NcpdpChannel:
                 patient_key=patient_key,
                 detail=reasons,
             )
-        return PermanentDeliveryError(f"{kind} of {order.reference} version {order.version} refused: {reasons}", exc.issues)
 
 
 def _prescribed(body: bytes) -> m.Medication | None:

@@ -318,8 +318,12 @@ class Outbox:
         """Extend ``owner``'s leases; returns how many it still holds."""
         return self._finish(owner, ids, lease_expires_at=self._clock() + lease)
 
-    def delivered(self, owner: str, ids: Iterable[int]) -> int:
-        """Mark ``owner``'s deliveries done; returns how many it still held."""
+    def delivered(self, owner: str, ids: Iterable[int], *, note: str | None = None) -> int:
+        """Mark ``owner``'s deliveries done; returns how many it still held.
+
+        :param note: kept in ``last_error`` of a delivery settled without sending all it held
+            (``withheld: ...`` under the patient's consents); not an error of the destination.
+        """
         return self._finish(
             owner,
             ids,
@@ -327,7 +331,7 @@ class Outbox:
             delivered_at=self._clock(),
             lease_owner=None,
             lease_expires_at=None,
-            last_error=None,
+            last_error=note,
         )
 
     def retry(self, owner: str, ids: Iterable[int], *, error: str, at: datetime) -> int:
@@ -476,16 +480,17 @@ class Outbox:
                 select(o.c.destination, func.max(o.c.delivered_at)).group_by(o.c.destination)
             ):
                 out[destination].last_success = last
+            failing = and_(o.c.last_error.is_not(None), o.c.state != DeliveryState.DELIVERED.value)  # not a note
             latest = (
                 select(o.c.destination, func.max(o.c.updated_at).label("at"))
-                .where(o.c.last_error.is_not(None))
+                .where(failing)
                 .group_by(o.c.destination)
                 .subquery()
             )
             for destination, error in conn.execute(
                 select(o.c.destination, o.c.last_error)
                 .join(latest, and_(latest.c.destination == o.c.destination, latest.c.at == o.c.updated_at))
-                .where(o.c.last_error.is_not(None))
+                .where(failing)
             ):
                 out[destination].last_error = error
         return out

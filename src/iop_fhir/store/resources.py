@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl
 
 import orjson
-from sqlalchemy import BigInteger, Connection, Engine, and_, bindparam, delete, false, func, select, type_coerce, update
+from sqlalchemy import BigInteger, Connection, Engine, and_, bindparam, delete, false, func, literal_column, select, type_coerce, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from iop_fhir.errors import Gone, Issue, NotFound, PreconditionFailed, RecordInvalid, VersionConflict
@@ -74,6 +74,9 @@ Labeller = Callable[[JSON, Callable[[str], JSON | None]], JSON]
 SearchParams = str | Sequence[tuple[str, str]]
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# The audit trail (an AuditEvent per access) is not the record's history: whole-system history
+# leaves it out, or every poll of it would bring back the events of the polls before.
+OUTSIDE_SYSTEM_HISTORY = frozenset({"AuditEvent"})
 ATTEMPTS = 3  # a write that loses a race on a unique key is retried this often
 DEFAULT_COUNT = 20
 
@@ -304,7 +307,7 @@ def _history(
     values = {"h_rt": resource_type, "h_id": id, "h_since": None if since is None else to_micros(since)}
 
     def where() -> list[Any]:
-        return [
+        clauses = [
             clause
             for present, clause in zip(
                 given,
@@ -317,6 +320,9 @@ def _history(
             )
             if present
         ]
+        if resource_type is None:  # constants inlined: the prepared statements take no expanding IN
+            clauses += [rv.c.resource_type != literal_column(f"'{t}'") for t in sorted(OUTSIDE_SYSTEM_HISTORY)]
+        return clauses
 
     def build() -> tuple[Any, list[SortKey]]:
         keys = [
@@ -782,7 +788,8 @@ class _Operations(ABC):
         cursor: str | None = None,
         total: bool = False,
     ) -> Page[Saved]:
-        """Versions newest first: of one resource, of a type, or of everything.
+        """Versions newest first: of one resource, of a type, or of everything (but the audit
+        trail, :data:`OUTSIDE_SYSTEM_HISTORY`, which its type's history holds).
 
         Deleted versions are entries with ``deleted=True`` and no data.
 

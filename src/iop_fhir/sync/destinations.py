@@ -8,6 +8,8 @@ Declared as ``[[destination]]`` tables in the TOML file named by ``IOP_FHIR_CONF
     base_url = "http://127.0.0.1:8090/fhir"
     auth = "none"                        # none | bearer | smart-backend
     resources = ["Patient", "MedicationRequest", "Observation", "CarePlan", "Condition"]
+    recipient = ["http://hl7.org/fhir/sid/us-npi|1932102084"]   # who it is, for consents
+    purpose = "TREAT"                    # why it receives (v3-ActReason)
 
 Every key is checked when the settings load, and a mistake names the destination and the key
 (``destination[0] ("ehr").batch_size: ...``): a typo must not silently deliver nowhere.
@@ -28,6 +30,7 @@ from typing import Any
 
 from iop_fhir.config import ConfigError
 from iop_fhir.errors import Issue
+from iop_fhir.mappers.consent import PURPOSE_DISPLAY
 from iop_fhir.mappers.ids import default_system_base, resource_id
 
 JSON = dict[str, Any]
@@ -43,6 +46,13 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 NEVER_ROUTED = frozenset({"AuditEvent", "Bundle", "OperationOutcome"})
 # What a pharmacy is sent (as NewRx / CancelRx): prescriptions, nothing else.
 PHARMACY_RESOURCES = frozenset({"MedicationRequest"})
+# Purposes of use a destination may declare: those a consent can name (v3-ActReason) but
+# ETREAT: an emergency is asserted per request (break the glass), never a system's standing purpose.
+EMERGENCY_PURPOSE = "ETREAT"
+PURPOSES = tuple(p for p in PURPOSE_DISPLAY if p != EMERGENCY_PURPOSE)
+DEFAULT_PURPOSE = "TREAT"
+# How a destination names itself as a party a consent may name, by reference.
+RECIPIENT_REFERENCE = re.compile(r"(Organization|Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}")
 # What a pull reads by default: the outside medication picture an intake reconciliation needs.
 DEFAULT_PULL_RESOURCES = (
     "MedicationRequest",
@@ -96,6 +106,11 @@ class Destination:
     aftercare_providers: frozenset[str] = frozenset()
     # pharmacies (kind = "ncpdp")
     ncpdp_id: str | None = None
+    # privacy: who the destination is, for the patients' consents ("system|value" identifiers
+    # and "Organization/..." references; privacy.recipients.recipient_for_destination), and why it
+    # receives (a v3-ActReason purpose of use)
+    recipient: tuple[str, ...] = ()
+    purpose: str = DEFAULT_PURPOSE
     enabled: bool = True
 
     def accepts(self, resource_type: str, resource: JSON, patient_key: str | None) -> bool:
@@ -145,7 +160,7 @@ _KEYS = {
     "name", "kind", "base_url", "auth", "token", "token_env", "token_url", "client_id", "private_key",
     "algorithm", "key_id", "scope", "format", "resources", "programs", "patients", "batch_size",
     "connect_timeout", "read_timeout", "timeout", "max_attempts", "backoff_base", "backoff_max", "pull",
-    "pull_interval", "pull_resources", "aftercare_providers", "ncpdp_id", "enabled",
+    "pull_interval", "pull_resources", "aftercare_providers", "ncpdp_id", "recipient", "purpose", "enabled",
 }  # fmt: skip
 
 
@@ -255,11 +270,20 @@ class _Reader:
         patients = self.strings("patients")
         aftercare = self.strings("aftercare_providers") or []
         for item in aftercare:
-            if "|" not in item:
+            if not _is_identifier(item):
                 self.fail("aftercare_providers", f"{item!r} must be an identifier 'system|value'")
         ncpdp_id = self.text("ncpdp_id")
         if kind == "ncpdp" and ncpdp_id is None:
             self.fail("ncpdp_id", "is required for an ncpdp destination (the pharmacy's NCPDPID)")
+        recipient = self.strings("recipient") or []
+        for item in recipient:
+            if not _is_identifier(item) and not RECIPIENT_REFERENCE.fullmatch(item):
+                self.fail("recipient", f"{item!r} must be an identifier 'system|value' or a reference 'Organization/{{id}}' (or Practitioner, PractitionerRole)")
+        purpose = self.text("purpose", default=DEFAULT_PURPOSE) or DEFAULT_PURPOSE
+        if purpose == EMERGENCY_PURPOSE:
+            self.fail("purpose", "cannot be ETREAT: an emergency is asserted per request (break the glass), not as a destination's standing purpose")
+        elif purpose not in PURPOSES:
+            self.fail("purpose", f"must be a purpose of use, one of {', '.join(PURPOSES)}, not {purpose!r}")
         destination = Destination(
             name=name or "",
             kind=kind or "fhir",
@@ -282,6 +306,8 @@ class _Reader:
             pull_resources=tuple(pull_resources) if pull_resources is not None else DEFAULT_PULL_RESOURCES,
             aftercare_providers=frozenset(aftercare),
             ncpdp_id=ncpdp_id,
+            recipient=tuple(dict.fromkeys(recipient)),
+            purpose=purpose,
             enabled=self.flag("enabled", True),
         )
         return destination if self.ok else None
@@ -314,6 +340,12 @@ class _Reader:
             key_id=self.text("key_id"),
             scope=self.text("scope", default="system/*.cruds") or "system/*.cruds",
         )
+
+
+def _is_identifier(text: str) -> bool:
+    """``system|value`` with both parts present."""
+    system, bar, value = text.partition("|")
+    return bool(bar and system.strip() and value.strip())
 
 
 def _program_base(program: str) -> str:

@@ -32,7 +32,10 @@ workers goes dead instead of killing them forever. Outcomes are logged at INFO o
 
 The long-running loop (:meth:`Worker.run`) also pulls, on their ``pull_interval``, from the FHIR
 destinations declared with ``pull = true`` (:func:`~iop_fhir.sync.pull.pull`); a failed pull is
-logged and tried again at the next interval.
+logged and tried again at the next interval. And, every ``MAT_CHECK_INTERVAL`` seconds, it runs
+the check for overdue MAT refills of discharged clients it is given
+(:func:`~iop_fhir.pharmacy.monitor.check_adherence`): a client who stops filling sends nothing
+that would raise the Flag otherwise.
 """
 
 from __future__ import annotations
@@ -52,10 +55,14 @@ from typing import Any, Protocol
 from iop_fhir.config import ConfigError
 from iop_fhir.errors import IopFhirError, PermanentDeliveryError, TransientDeliveryError
 from iop_fhir.pharmacy.channel import NcpdpChannel
+from iop_fhir.privacy.audit import AuditLog
+from iop_fhir.privacy.gate import PrivacyGate
+from iop_fhir.privacy.recipients import recipient_for_destination
 from iop_fhir.store import Delivery, Store
 from iop_fhir.sync.destinations import Destination
 from iop_fhir.sync.fhir_client import FhirClient
 from iop_fhir.sync.outgoing import delivery_bundle, store_identify
+from iop_fhir.sync.release import ensure_audited, release_batch
 from iop_fhir.sync.pull import PullResult, pull
 
 log = logging.getLogger("iop_fhir.sync")
@@ -64,6 +71,7 @@ JSON = dict[str, Any]
 LEASE_MARGIN = 10.0  # seconds a lease adds to two full requests' timeouts
 DEFAULT_POLL = 1.0  # seconds an idle worker sleeps between passes
 DEFAULT_MAX_WAIT = 60.0  # seconds ``drain`` waits for retries that are not due yet
+DEFAULT_MAT_CHECK_INTERVAL = 3600.0  # seconds between scheduled MAT refill checks (config.DEFAULTS)
 MIN_SLEEP = 0.05  # seconds; ``drain`` never spins on a moment that has just passed
 ERROR_LENGTH = 2000  # characters of an error kept on the delivery
 
@@ -71,9 +79,12 @@ ERROR_LENGTH = 2000  # characters of an error kept on the delivery
 class Channel(Protocol):
     """How deliveries reach one kind of destination (``kind = "fhir"``, ``"ncpdp"``, ...)."""
 
-    def deliver(self, deliveries: Sequence[Delivery]) -> None:
+    def deliver(self, deliveries: Sequence[Delivery]) -> Mapping[int, str] | None:
         """Deliver all of them, or raise.
 
+        :returns: notes by delivery id on deliveries settled without sending all they hold
+            (withheld or redacted under the patient's consents); they are recorded on the
+            delivered rows (``last_error``).
         :raises TransientDeliveryError: may pass if tried again later.
         :raises PermanentDeliveryError: this content will never be accepted as it is.
         """
@@ -82,7 +93,8 @@ class Channel(Protocol):
         """Release connections."""
 
 
-ChannelFactory = Callable[[Destination, Store], Channel]
+# A channel gets the worker's privacy gate: what it sends passes the gate first.
+ChannelFactory = Callable[[Destination, Store, PrivacyGate], Channel]
 
 
 class FhirChannel:
@@ -92,24 +104,41 @@ class FhirChannel:
     whole request (4xx: permanent). A server that answers ``200`` with a non-2xx entry status
     has not stored that entry either; that is treated as permanent too, so the worker's split
     isolates the entry.
+
+    Every batch passes the privacy gate first (:func:`~iop_fhir.sync.release.release_batch`):
+    what the destination's recipient may not receive is left out (its delivery noted as
+    withheld), the rest goes as released, and the audit is written before the request leaves.
+
+    :param gate: the worker's; without one the channel keeps its own (and closes its audit log).
     """
 
-    def __init__(self, destination: Destination, store: Store) -> None:
+    def __init__(self, destination: Destination, store: Store, gate: PrivacyGate | None = None) -> None:
         self.destination = destination
+        self._owns_gate = gate is None
+        self._gate = gate or PrivacyGate(store, AuditLog(store))
+        self._recipient = recipient_for_destination(destination)
         self._client = FhirClient(destination)
         self._identify = store_identify(store)
         # References to types the destination does not receive go as logical identifiers.
         self._receives = destination.resources.__contains__ if destination.resources is not None else None
 
-    def deliver(self, deliveries: Sequence[Delivery]) -> None:
-        bundle = delivery_bundle(deliveries, self._identify, receives=self._receives)
+    def deliver(self, deliveries: Sequence[Delivery]) -> dict[int, str]:
+        released = release_batch(self._gate, self.destination, deliveries, recipient=self._recipient)
+        bundle = delivery_bundle(released.deliveries, self._identify, receives=self._receives)
+        ensure_audited(self._gate)
         requests = len(bundle.get("entry") or ())
         if requests == 0:
-            return
+            return released.notes
+        meta = released.bundle_meta()
+        if meta is not None:
+            bundle["meta"] = meta
         check_transaction_response(self._client.transaction(bundle), requests)
+        return released.notes
 
     def close(self) -> None:
         self._client.close()
+        if self._owns_gate:
+            self._gate.audit.close()
 
 
 def check_transaction_response(response: Any, requests: int) -> None:
@@ -178,11 +207,13 @@ class DrainResult(PassResult):
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """The worker's settings (``WORKER_LEASE``, ``WORKER_POLL``, ``WORKER_NAME``), checked."""
+    """The worker's settings (``WORKER_LEASE``, ``WORKER_POLL``, ``WORKER_NAME``,
+    ``MAT_CHECK_INTERVAL``), checked."""
 
     lease: timedelta | None
     poll: float
     name: str | None
+    mat_check_interval: float = DEFAULT_MAT_CHECK_INTERVAL
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> WorkerOptions:
@@ -195,6 +226,7 @@ class WorkerOptions:
             timedelta(seconds=_seconds("WORKER_LEASE", lease)) if lease is not None else None,
             _seconds("WORKER_POLL", settings.get("WORKER_POLL", DEFAULT_POLL)),
             name,
+            _seconds("MAT_CHECK_INTERVAL", settings.get("MAT_CHECK_INTERVAL", DEFAULT_MAT_CHECK_INTERVAL)),
         )
 
 
@@ -241,6 +273,8 @@ class Worker:
     :param sleep: how :meth:`drain` waits (tests pass a fake that advances their clock).
     :param random: the jitter's source (seed it for reproducible backoffs).
     :param poll: seconds :meth:`run` sleeps when a pass found nothing to do.
+    :param mat_check: what :meth:`run` calls every ``mat_check_interval`` seconds (by ``clock``):
+        the scheduled overdue-MAT check (:func:`~iop_fhir.pharmacy.monitor.check_adherence`).
     """
 
     def __init__(
@@ -255,6 +289,8 @@ class Worker:
         sleep: Callable[[float], None] = time.sleep,
         random: random_module.Random | None = None,
         poll: float = DEFAULT_POLL,
+        mat_check: Callable[[], object] | None = None,
+        mat_check_interval: float = DEFAULT_MAT_CHECK_INTERVAL,
     ) -> None:
         self.store = store
         self.outbox = store.outbox
@@ -282,18 +318,25 @@ class Worker:
         attempts = [d.max_attempts for d in self.destinations.values()]
         self.reclaim_max_attempts = min(attempts) if attempts else None
         self._open: dict[str, Channel] = {}
+        # One gate and audit log for every channel: what leaves is decided and audited (issue 6 §3).
+        self.audit = AuditLog(store)
+        self.gate = PrivacyGate(store, self.audit, clock=self.clock)
         self._pulled: dict[str, float] = {}  # destination -> time.monotonic() of its last scheduled pull
+        self.mat_check = mat_check
+        self.mat_check_interval = mat_check_interval
+        self._mat_checked: datetime | None = None  # when the scheduled MAT check last ran
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close every channel opened so far."""
+        """Close every channel opened so far, then write what the audit log holds."""
         while self._open:
             _, channel = self._open.popitem()
             try:
                 channel.close()
             except Exception:  # closing must not hide the outcome being reported
                 log.exception("closing a channel failed")
+        self.audit.close()
 
     def __enter__(self) -> Worker:
         return self
@@ -304,7 +347,7 @@ class Worker:
     def _channel(self, destination: Destination) -> Channel:
         channel = self._open.get(destination.name)
         if channel is None:
-            channel = self._open[destination.name] = self.channels[destination.kind](destination, self.store)
+            channel = self._open[destination.name] = self.channels[destination.kind](destination, self.store, self.gate)
         return channel
 
     def lease_for(self, destination: Destination) -> timedelta:
@@ -364,7 +407,7 @@ class Worker:
                 return False
         result.requests += 1
         try:
-            channel.deliver(batch)
+            notes = channel.deliver(batch) or {}
         except TransientDeliveryError as exc:
             self._transient(destination, batch, exc, result)
             return False
@@ -385,8 +428,15 @@ class Worker:
             log.exception("destination %s: the channel failed unexpectedly", destination.name)
             self._transient(destination, batch, TransientDeliveryError(f"unexpected {type(exc).__name__}: {exc}"), result)
             return False
-        result.delivered += self._settled(self.outbox.delivered(self.name, [d.id for d in batch]), len(batch), result)
+        result.delivered += self._settled(self._delivered(batch, notes), len(batch), result)
         return True
+
+    def _delivered(self, batch: Sequence[Delivery], notes: Mapping[int, str]) -> int:
+        """Mark the batch delivered, each with the channel's note on it (what was withheld)."""
+        by_note: dict[str | None, list[int]] = {}
+        for delivery in batch:
+            by_note.setdefault(notes.get(delivery.id), []).append(delivery.id)
+        return sum(self.outbox.delivered(self.name, ids, note=note) for note, ids in by_note.items())
 
     def _transient(
         self, destination: Destination, batch: Sequence[Delivery], exc: TransientDeliveryError, result: PassResult, *, spend: bool = True
@@ -469,6 +519,20 @@ class Worker:
             )  # fmt: skip
         return done
 
+    def mat_check_due(self) -> bool:
+        """Run the MAT check when ``mat_check_interval`` has passed since it last ran (the first
+        at once); False when it was not due. A failed check is logged and runs again at the next
+        interval; it never stops deliveries."""
+        now = self.clock()
+        if self.mat_check is None or (self._mat_checked is not None and (now - self._mat_checked).total_seconds() < self.mat_check_interval):
+            return False
+        self._mat_checked = now
+        try:
+            self.mat_check()
+        except Exception:
+            log.exception("the scheduled MAT refill check failed; next in %.0f s", self.mat_check_interval)
+        return True
+
     def _pending(self, names: Iterable[str]) -> dict[str, int]:
         stats = self.outbox.stats()
         pending = {}
@@ -489,6 +553,7 @@ class Worker:
             try:
                 result = self.run_once(stop)
                 self.pull_due()
+                self.mat_check_due()
             except Exception:
                 log.exception("worker pass failed; trying again in %.1f s", self.poll)
                 stop.wait(self.poll)
