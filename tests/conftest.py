@@ -9,6 +9,9 @@ import pytest
 
 from iop_fhir.record import IopRecord, validate_record
 
+# the store fixtures (store, open_store, clock, backend, ...) for every directory that needs a store
+pytest_plugins = ["store_fixtures"]
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 # ../shared beside the clone (CI puts it there); tests that read it skip cleanly without it.

@@ -1,4 +1,5 @@
-"""Store fixtures: every store test runs on SQLite, and on PostgreSQL when a URL is given.
+"""Store fixtures (a pytest plugin, registered in tests/conftest.py, so every test directory
+has them): every store test runs on SQLite, and on PostgreSQL when a URL is given.
 
 ``IOP_FHIR_TEST_POSTGRES_URL`` (e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/test``)
 turns the PostgreSQL half on; without it those cases skip.

@@ -380,6 +380,8 @@ def worker(once: bool, names: tuple[str, ...], max_wait: float | None) -> None:
     import signal
     import threading
 
+    from iop_fhir.pharmacy.inbound import InboundOptions
+    from iop_fhir.pharmacy.monitor import check_adherence
     from iop_fhir.sync.worker import DEFAULT_MAX_WAIT, Worker, WorkerOptions
 
     if max_wait is not None and not once:
@@ -388,10 +390,17 @@ def worker(once: bool, names: tuple[str, ...], max_wait: float | None) -> None:
     logging.basicConfig(level=context.settings["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         options = WorkerOptions.from_settings(context.settings)
+        adherence = InboundOptions.from_settings(context.settings, context.destinations.values())
     except IopFhirError as exc:
         raise click.ClickException(exc.message) from None
     chosen = context.chosen(names)
-    with context.store, Worker(context.store, chosen, name=options.name, lease=options.lease, poll=options.poll) as running:
+
+    def mat_check() -> object:  # the worker calls it every MAT_CHECK_INTERVAL seconds
+        return check_adherence(context.store, adherence)
+
+    with context.store, Worker(
+        context.store, chosen, name=options.name, lease=options.lease, poll=options.poll, mat_check=mat_check, mat_check_interval=options.mat_check_interval
+    ) as running:
         if not running.destinations:
             raise click.ClickException(f"none of {', '.join(chosen)} can be delivered to (disabled, or no channel for its kind)")
         if once:
@@ -633,13 +642,40 @@ def ncpdp_replay(message_id: int) -> None:
     context = _SyncContext()
     with context.store as store:
         try:
-            result = replay(store, message_id, InboundOptions.from_settings(context.settings))
+            result = replay(store, message_id, InboundOptions.from_settings(context.settings, context.destinations.values()))
         except IopFhirError as exc:
             raise click.ClickException(f"message {message_id}: {exc.message}") from None
     applied = result.applied
     click.echo(f"message {message_id} ({result.kind}): {applied.status}" + (f" - {applied.detail}" if applied.detail else ""))
     for reference in applied.written:
         click.echo(f"  stored {reference}")
+
+@ncpdp.command("check-adherence")
+def ncpdp_check_adherence() -> None:
+    """Look once for discharged clients whose medication-assisted treatment ran out without a new
+    fill, and raise (or close) their overdue-MAT Flags, as the worker does every
+    MAT_CHECK_INTERVAL seconds. Exits 1 when the check failed for a patient.
+
+    Example: IOP_FHIR_CONFIG=gateway.toml iop-fhir ncpdp check-adherence
+    """
+    from iop_fhir.pharmacy.inbound import InboundOptions
+    from iop_fhir.pharmacy.monitor import check_adherence
+
+    context = _SyncContext()
+    try:
+        options = InboundOptions.from_settings(context.settings, context.destinations.values())
+    except IopFhirError as exc:
+        raise click.ClickException(exc.message) from None
+    with context.store as store:
+        result = check_adherence(store, options)
+    click.echo(f"checked {len(result.checked)} discharged patients with MAT prescriptions: {len(result.written)} Flags written, {len(result.active)} active")
+    for reference in result.active:
+        click.echo(f"  active {reference}")
+    for patient, why in result.failed.items():
+        click.echo(f"  {patient}: not checked: {why}", err=True)
+    if result.failed:
+        sys.exit(1)
+
 
 # --- pharmacies: medication history, and a simulated pharmacy for developers -----------------------
 
@@ -722,6 +758,51 @@ def pharmacy_sim(port: int, host: str, gateway: str | None, ncpdp_id: str | None
         serve(simulator, host=host, port=port, gateway=gateway, token=token, stop=stop, started=started)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+# --- privacy: the accounting of disclosures -----------------------------------------------------------
+
+
+@main.command()
+@click.option("--patient", "patient_id", required=True, help="The id of the Patient (or Patient/ID) whose disclosures are listed.")
+@click.option("--since", default=None, help="Only disclosures from this date or dateTime on (2026-01-01, 2026-01-01T08:00:00Z).")
+@click.option("--json", "as_json", is_flag=True, help="Print the accounting as JSON.")
+def disclosures(patient_id: str, since: str | None, as_json: bool) -> None:
+    """The accounting of disclosures a patient may ask for (42 CFR 2.24, HIPAA 164.528): each
+    disclosure with its date, recipient, exit, what went out (types, count and ids), the
+    consent it was made under, and break-the-glass marked. Read from the audit trail.
+
+    Example: iop-fhir disclosures --patient 10bc811d-3fc4-537e-bfff-56334d78bc82 --since 2026-01-01
+    """
+    from iop_fhir.errors import Gone, NotFound
+    from iop_fhir.privacy.audit import accounting
+    from iop_fhir.store.search_index import date_range
+
+    if since is not None and date_range(since) is None:
+        raise click.BadParameter(f"{since!r} is not a date or dateTime (2026-01-01, 2026-01-01T08:00:00Z)", param_hint="--since")
+    reference = patient_id if patient_id.startswith("Patient/") else f"Patient/{patient_id}"
+    context = _SyncContext()
+    with context.store as store:
+        try:
+            store.read("Patient", reference.split("/", 1)[1])
+        except NotFound:
+            raise click.ClickException(f"no {reference} in the store") from None
+        except Gone:
+            pass  # a deleted patient may still ask what was disclosed
+        found = accounting(store, reference, since=since)
+    if as_json:
+        click.echo(json.dumps({"patient": reference, "since": since, "disclosures": [a.as_json() for a in found]}, indent=2))
+        return
+    click.echo(f"Accounting of disclosures for {reference}" + (f" since {since}" if since else "") + f": {len(found)}")
+    for item in found:
+        under = ", ".join([*item.consents, *(["break the glass"] if item.break_glass else [])]) or "no consent needed (HIPAA)"
+        click.echo(f"{item.recorded}  to {item.recipient} (client {item.client})  via {item.exit}  for {item.purpose or '-'}  under {under}")
+        counts = ", ".join(f"{n} {t}" for t, n in item.counts().items())
+        click.echo(f"  {len(item.resources)} resource(s): {counts}")
+        if item.break_glass:
+            click.echo("  BREAK THE GLASS: disclosed without consent in a medical emergency")
+        for reference_text in item.resources:
+            click.echo(f"    {reference_text}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,6 +50,13 @@ DEFAULTS: dict[str, Any] = {
     # Pharmacy fills (POST /ncpdp): days a discharged client's medication-assisted-treatment supply
     # may have run out before a refill counts as overdue and a Flag goes to the care team.
     "MAT_REFILL_GRACE_DAYS": 3,
+    # The audit trail (privacy/audit.py): AuditEvents of reads are buffered and written every this
+    # many seconds, or as soon as this many wait; a process killed outright loses at most that window.
+    "AUDIT_FLUSH_INTERVAL": 0.1,
+    "AUDIT_MAX_BUFFER": 500,
+    # Seconds between the worker's checks for discharged clients whose medication-assisted
+    # treatment ran out without a new fill (pharmacy/monitor.py): no fill, no message, no Flag.
+    "MAT_CHECK_INTERVAL": 3600,
 }
 
 
@@ -105,6 +112,11 @@ def _check(settings: dict[str, Any]) -> None:
             raise ConfigError(f"{key} must be a positive integer, not {settings[key]!r}")
     if settings["DEFAULT_COUNT"] > settings["MAX_COUNT"]:
         raise ConfigError("DEFAULT_COUNT cannot exceed MAX_COUNT")
+    if not isinstance(settings["AUDIT_MAX_BUFFER"], int) or isinstance(settings["AUDIT_MAX_BUFFER"], bool) or settings["AUDIT_MAX_BUFFER"] < 1:
+        raise ConfigError(f"AUDIT_MAX_BUFFER must be a positive integer, not {settings['AUDIT_MAX_BUFFER']!r}")
+    interval = settings["AUDIT_FLUSH_INTERVAL"]
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or not 0 < interval <= 60:
+        raise ConfigError(f"AUDIT_FLUSH_INTERVAL must be a number of seconds above 0 and at most 60, not {interval!r}")
 
 
 def namespace(settings: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from fhirpy.base.exceptions import AuthorizationError, ForbiddenError
 from iop_fhir.formats import fhir_xml
 
 if TYPE_CHECKING:
-    from conftest import Server  # tests/integration/conftest.py
+    from servers import Server
 
 pytestmark = pytest.mark.integration
 

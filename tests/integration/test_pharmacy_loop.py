@@ -5,14 +5,14 @@ real ``iop-fhir pharmacy-sim`` whose ``--gateway`` is that gateway. A generated 
 prescriptions go to that pharmacy is posted; ``iop-fhir worker --once`` sends the NewRx; the
 simulator answers Status, then posts an RxFill to the gateway's ``/ncpdp``; the gateway stores a
 MedicationDispense linked to the prescription and a PDC Observation for it. Then
-``iop-fhir ncpdp history`` asks the simulator for the patient's medication history and stores
-it, once however often it is asked. Bounded: every wait has a deadline, and every process is
-stopped at teardown.
+``iop-fhir ncpdp history`` asks the simulator for the patient's medication history: the fills it
+reports are the fills the RxFills reported, so each stays one MedicationDispense, linked to its
+prescription, however often the history is asked. Bounded: every wait has a deadline, and every
+process is stopped at teardown.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import servers
 import requests
 
 from iop_fhir.generate import generate_record
 from iop_fhir.serve import free_port
 
 if TYPE_CHECKING:
-    from conftest import Server  # tests/integration/conftest.py
+    from servers import Server
 
 pytestmark = pytest.mark.integration
 
@@ -41,17 +42,6 @@ ARRIVAL_TIMEOUT = 25  # seconds for the fill to come back through the simulator
 PDC = "https://iop-fhir.org/fhir/CodeSystem/adherence-measure|pdc"
 
 
-def _load_servers() -> Any:
-    """tests/integration/conftest.py (start, stop, gateway_env), loaded by path: the module named
-    ``conftest`` at run time is whichever conftest pytest imported last."""
-    spec = importlib.util.spec_from_file_location("integration_servers", Path(__file__).with_name("conftest.py"))
-    assert spec is not None and spec.loader is not None
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-servers = _load_servers()
 
 
 @dataclass
@@ -127,6 +117,9 @@ def record_for_the_pharmacy() -> tuple[dict[str, Any], list[str]]:
         for pharmacy in record["pharmacies"]:
             if pharmacy["id"] == chosen:
                 pharmacy["ncpdp_id"] = PHARMACY_ID
+        # MAT orders are Part 2 data: they go to the pharmacy under the patient's written consent
+        part2 = {"purpose": "TREAT", "categories": ["medications"], "period": {"start": "2020-01-01"}, "part2": True, "signed": "2020-01-01"}
+        record["consents"].append({"id": "consent-pharmacy", "recipient_id": chosen, **part2})
         return record, [p["id"] for p in active if p["pharmacy_id"] == chosen]
     raise AssertionError(f"no record of seed {SEED} has an active prescription to a pharmacy")
 
@@ -178,19 +171,21 @@ def test_prescribe_fill_and_adherence_through_the_simulator(loop: Loop) -> None:
     fills = [m for m in messages if m["kind"] == "RxFill" and m["direction"] == "in"]
     assert len(fills) == len(sent) and {m["status"] for m in fills} == {"processed"}
 
-    # The patient's medication history, from the simulator's own fills; asking again stores nothing new.
+    # The patient's medication history, from the simulator's own fills: the fills the RxFills
+    # reported, so nothing new is stored; each dispense gains the history's fill number. Asking
+    # again changes nothing.
     patient_id = patient.removeprefix("Patient/")
     history = loop.cli("ncpdp", "history", "--patient", patient_id, "--destination", "pharmacy")
     assert history.returncode == 0, history.stderr
-    assert f"pharmacy: {len(sent)} history entries; stored {len(sent)} new" in history.stdout, history.stdout
+    assert f"pharmacy: {len(sent)} history entries; stored 0 new, {len(sent)} updated, 0 unchanged" in history.stdout, history.stdout
     again = loop.cli("ncpdp", "history", "--patient", patient_id, "--destination", "pharmacy")
     assert again.returncode == 0, again.stderr
     assert f"stored 0 new, 0 updated, {len(sent)} unchanged" in again.stdout, again.stdout
-    stored = [line.strip() for line in history.stdout.splitlines() if line.startswith("  MedicationDispense/")]
-    assert len(stored) == len(sent)
-    for reference in stored:
-        dispense = requests.get(f"{loop.gateway.fhir}/{reference}", headers={"Accept": "application/fhir+json"}, timeout=HTTP_TIMEOUT).json()
-        assert dispense["subject"]["reference"] == patient and dispense["status"] == "completed"
+    stored = {line.strip() for line in history.stdout.splitlines() if line.startswith("  MedicationDispense/")}
+    assert stored == {f"MedicationDispense/{d['id']}" for d in dispenses}  # one fill, one dispense
+    after = loop.search("MedicationDispense", patient=patient)
+    assert len(after) == len(sent) and all(_authorized_by_an_order(d) for d in after)
+    assert all(i["value"].endswith("/fill-1") for d in after for i in d["identifier"][1:]) and all(len(d["identifier"]) == 2 for d in after)
 
 
 def _authorized_by_an_order(dispense: dict[str, Any]) -> bool:

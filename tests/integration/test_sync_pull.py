@@ -24,7 +24,7 @@ from iop_fhir.sync.pull import pull
 from iop_fhir.terminology import SYNC_SOURCE
 
 if TYPE_CHECKING:
-    from conftest import Server  # tests/integration/conftest.py
+    from servers import Server
 
 pytestmark = pytest.mark.integration
 

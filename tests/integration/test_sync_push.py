@@ -12,7 +12,6 @@ must be at the target exactly once, and no delivery dead.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import signal
@@ -27,13 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import servers
 import requests
 
 from iop_fhir.api.auth import IOP_TYPES
 from iop_fhir.generate import generate_record
 
 if TYPE_CHECKING:
-    from conftest import Server  # tests/integration/conftest.py
+    from servers import Server
 
 pytestmark = pytest.mark.integration
 
@@ -41,26 +41,18 @@ SEED = 23
 HTTP_TIMEOUT = 30
 WORKER_TIMEOUT = 60  # seconds for a `worker --once` run
 FAULT_SHARE = 0.3
+RECORDS = 4  # the most records a test posts (generated with SEED, indexes from 0)
 
 
-def _load_servers() -> Any:
-    """tests/integration/conftest.py (serve, start, stop, gateway_env), loaded by path: the module
-    named ``conftest`` at run time is whichever conftest pytest imported last."""
-    spec = importlib.util.spec_from_file_location("integration_servers", Path(__file__).with_name("conftest.py"))
-    assert spec is not None and spec.loader is not None
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-servers = _load_servers()
 
 
 # --- processes -------------------------------------------------------------------------------------
 
 
 def write_config(folder: Path, base_url: str, **keys: Any) -> Path:
-    lines = ["[[destination]]", 'name = "ehr"', 'kind = "fhir"', f'base_url = "{base_url}"']
+    # the target is the provider the records' Part 2 consents name, so it receives everything
+    providers = sorted({consented(index)[1] for index in range(RECORDS)})
+    lines = ["[[destination]]", 'name = "ehr"', 'kind = "fhir"', f'base_url = "{base_url}"', f"recipient = {providers!r}"]
     lines += [f"{key} = {value!r}" for key, value in keys.items()]
     path = folder / "source.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -90,9 +82,14 @@ def worker_once(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[
     )
 
 
+def consented(index: int) -> tuple[dict[str, Any], str]:
+    """Generated record ``index`` with one Part 2 consent, and the provider it names (``system|value``)."""
+    return servers.with_part2_consent(generate_record(index, SEED))
+
+
 def post_records(source: Server, indexes: range) -> None:
     for index in indexes:
-        response = requests.post(f"{source.base}/iop/records", json=generate_record(index, SEED), timeout=HTTP_TIMEOUT)
+        response = requests.post(f"{source.base}/iop/records", json=consented(index)[0], timeout=HTTP_TIMEOUT)
         assert response.status_code in (200, 201), response.text
 
 

@@ -21,32 +21,17 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-import orjson
 from flask import Blueprint, Response, request
 
 from iop_fhir.api import destinations, store
 from iop_fhir.api.iop import read_json
-from iop_fhir.errors import IopFhirError, Issue
+from iop_fhir.api.params import integer, invalid, json_response, limit, only
 from iop_fhir.store import Delivery, DeliveryState, DestinationStats, instant
 from iop_fhir.sync.destinations import Destination
 
 JSON = dict[str, Any]
-JSON_TYPE = "application/json"
-DEFAULT_LIMIT = 100
-MAX_LIMIT = 1000
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
-
-
-class InvalidAdminRequest(IopFhirError):
-    """A parameter or body field of an admin request that cannot be used (400, names the field)."""
-
-    status = 400
-    issue_code = "value"
-
-
-def _invalid(location: str, message: str) -> InvalidAdminRequest:
-    return InvalidAdminRequest(f"{location}: {message}", [Issue(message, location=location, code="value")])
 
 
 # --- the rules, shared with the CLI --------------------------------------------------------------
@@ -105,67 +90,46 @@ def selection(body: Any, known: Mapping[str, Destination], with_deliveries: Mapp
     :raises InvalidAdminRequest: naming the field (``ids``, ``ids[2]``, ``destination``, or a stray key).
     """
     if not isinstance(body, Mapping):
-        raise _invalid("/", "the body must be a JSON object: {}, {\"ids\": [...]} or {\"destination\": \"name\"}")
+        raise invalid("/", "the body must be a JSON object: {}, {\"ids\": [...]} or {\"destination\": \"name\"}")
     for key in body:
         if key not in ("ids", "destination"):
-            raise _invalid(str(key), "is not a field here (ids, destination)")
+            raise invalid(str(key), "is not a field here (ids, destination)")
     ids = body.get("ids")
     if ids is not None:
         if not isinstance(ids, list) or not ids:
-            raise _invalid("ids", "must be a non-empty array of delivery ids")
+            raise invalid("ids", "must be a non-empty array of delivery ids")
         for index, value in enumerate(ids):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _invalid(f"ids[{index}]", f"must be a positive integer, not {value!r}")
+                raise invalid(f"ids[{index}]", f"must be a positive integer, not {value!r}")
     destination = body.get("destination")
     if destination is not None:
         if not isinstance(destination, str) or not destination:
-            raise _invalid("destination", f"must be a destination name, not {destination!r}")
+            raise invalid("destination", f"must be a destination name, not {destination!r}")
         if destination not in known and destination not in with_deliveries:
-            raise _invalid("destination", f"{destination!r} is not a configured destination and has no deliveries")
+            raise invalid("destination", f"{destination!r} is not a configured destination and has no deliveries")
     return ids, destination
 
 
 # --- the endpoints -------------------------------------------------------------------------------
 
 
-def _json(document: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(document), status, content_type=JSON_TYPE)
-
-
 @bp.get("/sync")
 def sync_status() -> Response:
     st = store()
-    return _json({"destinations": status_rows(destinations(), st.outbox.stats(), st.clock())})
+    return json_response({"destinations": status_rows(destinations(), st.outbox.stats(), st.clock())})
 
 
 @bp.get("/sync/deliveries")
 def list_deliveries() -> Response:
+    only(("state", "destination", "after", "limit"))
     args = request.args
-    for name in args:
-        if name not in ("state", "destination", "after", "limit"):
-            raise _invalid(name, "is not a parameter here (state, destination, after, limit)")
     state = args.get("state")
     if state is not None and state not in {s.value for s in DeliveryState}:
-        raise _invalid("state", f"must be one of {', '.join(s.value for s in DeliveryState)}, not {state!r}")
-    after = _integer("after", 0, minimum=0)
-    limit = _integer("limit", DEFAULT_LIMIT, minimum=1)
-    if limit > MAX_LIMIT:
-        raise _invalid("limit", f"must be at most {MAX_LIMIT}")
-    found = store().outbox.list(state=state, destination=args.get("destination") or None, after_id=after, limit=limit)
-    return _json({"deliveries": [delivery_row(d) for d in found], "next_after": found[-1].id if len(found) == limit else None})
-
-
-def _integer(name: str, default: int, *, minimum: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _invalid(name, f"must be an integer, not {raw!r}") from None
-    if value < minimum:
-        raise _invalid(name, f"must be at least {minimum}")
-    return value
+        raise invalid("state", f"must be one of {', '.join(s.value for s in DeliveryState)}, not {state!r}")
+    after = integer("after", 0, minimum=0)
+    size = limit()
+    found = store().outbox.list(state=state, destination=args.get("destination") or None, after_id=after, limit=size)
+    return json_response({"deliveries": [delivery_row(d) for d in found], "next_after": found[-1].id if len(found) == size else None})
 
 
 def _selected() -> tuple[list[int] | None, str | None]:
@@ -176,10 +140,10 @@ def _selected() -> tuple[list[int] | None, str | None]:
 @bp.post("/sync/requeue")
 def requeue() -> Response:
     ids, destination = _selected()
-    return _json({"requeued": store().outbox.requeue(ids, destination=destination)})
+    return json_response({"requeued": store().outbox.requeue(ids, destination=destination)})
 
 
 @bp.post("/sync/discard")
 def discard() -> Response:
     ids, destination = _selected()
-    return _json({"discarded": store().outbox.discard(ids, destination=destination)})
+    return json_response({"discarded": store().outbox.discard(ids, destination=destination)})

@@ -26,8 +26,8 @@ from flask import Blueprint, Response, current_app, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from iop_fhir.api import store
-from iop_fhir.api.admin import DEFAULT_LIMIT, MAX_LIMIT, _integer, _invalid, _json
+from iop_fhir.api import destinations, store
+from iop_fhir.api.params import integer, invalid, json_response, limit, only
 from iop_fhir.errors import UnsupportedFormat
 from iop_fhir.formats.safe_xml import XmlTooLarge
 from iop_fhir.pharmacy import inbound
@@ -67,7 +67,7 @@ def message_row(message: StoredMessage) -> JSON:
 
 
 def _options() -> inbound.InboundOptions:
-    return inbound.InboundOptions.from_settings(current_app.config)
+    return inbound.InboundOptions.from_settings(current_app.config, destinations().values())
 
 
 def _xml(answer: inbound.Answer) -> Response:
@@ -90,25 +90,21 @@ def receive() -> Response:
 
 @bp.get("/admin/ncpdp/messages")
 def list_messages() -> Response:
+    only(("prescription", "kind", "direction", "status", "after", "limit"))
     args = request.args
-    for name in args:
-        if name not in ("prescription", "kind", "direction", "status", "after", "limit"):
-            raise _invalid(name, "is not a parameter here (prescription, kind, direction, status, after, limit)")
     direction = args.get("direction") or None
     if direction is not None and direction not in DIRECTIONS:
-        raise _invalid("direction", f"must be in or out, not {direction!r}")
-    limit = _integer("limit", DEFAULT_LIMIT, minimum=1)
-    if limit > MAX_LIMIT:
-        raise _invalid("limit", f"must be at most {MAX_LIMIT}")
+        raise invalid("direction", f"must be in or out, not {direction!r}")
+    size = limit()
     found = store().messages.list(
         prescription=prescription_key(args.get("prescription")),
         kind=args.get("kind") or None,
         direction=direction,
         status=args.get("status") or None,
-        after_id=_integer("after", 0, minimum=0),
-        limit=limit,
+        after_id=integer("after", 0, minimum=0),
+        limit=size,
     )
-    return _json({"messages": [message_row(m) for m in found], "next_after": found[-1].id if len(found) == limit else None})
+    return json_response({"messages": [message_row(m) for m in found], "next_after": found[-1].id if len(found) == size else None})
 
 
 def prescription_key(value: str | None) -> str | None:
@@ -134,4 +130,4 @@ def read_message(id: int) -> Response:
 
 @bp.post("/admin/ncpdp/messages/<int:id>/replay")
 def replay(id: int) -> Response:
-    return _json(inbound.replay(store(), id, _options()).as_json())
+    return json_response(inbound.replay(store(), id, _options()).as_json())

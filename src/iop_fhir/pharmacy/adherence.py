@@ -32,7 +32,11 @@ partial fill handed over while the rest is owed: NCPDP PartiallyDispensed), each
 ``on-hold``, ``entered-in-error``, ``unknown``) dispensed nothing and counts nothing. The fill
 day is ``whenHandedOver`` (a completed dispense without it falls back to ``whenPrepared``,
 noted), as the pharmacy wrote it (its local date). Dispenses given twice (same id, or same first
-identifier) count once. What cannot be read is reported in ``PdcResult.issues``, never guessed.
+identifier) count once. One fill reported twice, by an RxFill and in a medication history, is
+one stored dispense already (``script_mapping``'s fill key: pharmacy, prescription number,
+handed-over date); fills are not matched by their content here, as two real fills of one drug
+on one day (two pharmacies, say) must both count. What cannot be read is reported in
+``PdcResult.issues``, never guessed.
 
 **Refill gaps and late refills**: between one fill and the next, the days no supply was on hand
 (after shifting, across the whole group); a refill is *late* when that gap is longer than
@@ -616,7 +620,7 @@ def _drug_key(resource: JSON) -> tuple[str | None, str | None]:
     return (text.lower(), text) if text else (None, None)
 
 
-def _is_mat(request: JSON) -> bool:
+def is_mat(request: JSON) -> bool:
     """MAT by our extension, or by the drug (the terminology's ``mat``: buprenorphine, methadone,
     naltrexone, acamprosate, disulfiram); the record's validation keeps the two in step."""
     flag = as_dict(own_extensions(request).get("medication-assisted-treatment")).get("valueBoolean")
@@ -655,7 +659,7 @@ def _mat_drugs(requests: list[JSON], report: MappingReport) -> tuple[list[_MatDr
     drug_of_request: dict[str, str] = {}
     for r in requests:
         rid = nonblank(r.get("id"))
-        if not rid or r.get("intent") not in ORDER_INTENTS or not _is_mat(r):
+        if not rid or r.get("intent") not in ORDER_INTENTS or not is_mat(r):
             continue
         key, name = _drug_key(r)
         if key is None or name is None:
@@ -780,6 +784,7 @@ __all__ = [
     "Supply",
     "adherence_observations",
     "days_covered",
+    "is_mat",
     "lapses",
     "overdue_mat",
     "pdc",

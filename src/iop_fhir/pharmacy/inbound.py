@@ -13,17 +13,17 @@ this module; it knows nothing of Flask.
   again and is never applied twice (receipts of one MessageID are serialised by a lock).
 * :func:`replay` -- apply a stored inbound message again (a new unit of work; every write is an
   upsert by business identifier, so a replay changes only what changed since).
-* :func:`apply_history_response` -- an RxHistoryResponse's dispenses and statements, stored
-  de-duplicated by fill key (also used for the synchronous answer to our RxHistoryRequest).
+* :func:`apply_history_response` -- an RxHistoryResponse's dispenses and statements, one resource
+  per fill (also used for the synchronous answer to our RxHistoryRequest).
 * :func:`update_adherence` -- PDC Observations and overdue-MAT Flags for one patient, from every
-  MedicationDispense stored for them.
+  MedicationDispense stored for them (also run on a schedule: :mod:`iop_fhir.pharmacy.monitor`).
 
 What each transaction does:
 
 ==========================  ======================================================================
 RxFill                      our MedicationRequest by PrescriberOrderNumber (its first identifier
-                            value, as the NewRx sent it; intent order) -> MedicationDispense, upsert
-                            by fill key; then :func:`update_adherence` for the patient
+                            value, as the NewRx sent it; intent order) -> MedicationDispense, one
+                            per fill; then :func:`update_adherence` for the patient
 RxRenewalRequest,           a review Task for the prescriber (``script_mapping.review_task``), upsert
 RxChangeRequest             by the message's key; the prescription must be ours
 CancelRxResponse            our CancelRx (RelatesToMessageID) and this message: ``approved`` or
@@ -38,7 +38,15 @@ anything else               Error 900: a prescriber's gateway does not take NewR
 ==========================  ======================================================================
 
 Resources are written with ``deliver_to=None``: the store's router queues them for every
-destination in scope (the care team's EHR, the aftercare provider), as any other write.
+destination in scope (the care team's EHR, the aftercare provider), as any other write. The PDC
+Observations and MAT Flags of a discharged client go, besides, to the destinations serving the
+client's aftercare provider, as the discharge package does (``sync.discharge.aftercare_destinations``):
+after discharge that provider is who must act on a lapsed refill, whatever the routing scopes say.
+
+**One fill, one resource.** An RxFill and an RxHistoryResponse entry of the same fill carry the
+same fill key (``script_mapping``: pharmacy, prescription number, handed-over date) and are
+stored as one MedicationDispense (:func:`store_fill`), so PDC counts the fill once; a history
+entry never replaces the RxFill's link to our order (``script_mapping.merge_fill``).
 
 **The adherence window.** PDC is computed over ``[first fill, today]``, the first fill being the
 earliest day a stored dispense of the patient was handed over, and the window held to the last
@@ -54,7 +62,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -67,17 +74,27 @@ from iop_fhir.errors import IopFhirError, Issue, VersionConflict
 from iop_fhir.formats import ncpdp
 from iop_fhir.formats.ncpdp import messages as m
 from iop_fhir.mappers.context import identifier_base
-from iop_fhir.mappers.datatypes import as_dict, as_list, coding, concept, drop_empty, fhir_datetime, nonblank, parse_date
+from iop_fhir.mappers.datatypes import as_dict, as_list, coding, concept, drop_empty, fhir_datetime, identifiers_in, nonblank, parse_date
 from iop_fhir.mappers.ids import resource_id
 from iop_fhir.mappers.medication_request import KIND as PRESCRIPTION_KIND
 from iop_fhir.mappers.medication_request import ORDER_INTENTS
 from iop_fhir.mappers.medication_review import REVIEW_CODE
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.pharmacy.adherence import adherence_observations, overdue_mat, pdc
-from iop_fhir.pharmacy.script_mapping import MESSAGE_SYSTEM, history_resources, medication_dispense, pharmacy_reference, review_task
-from iop_fhir.store import Saved, Store, UnitOfWork
+from iop_fhir.pharmacy.script_mapping import (
+    FILL_SYSTEM,
+    MESSAGE_SYSTEM,
+    history_resources,
+    medication_dispense,
+    merge_fill,
+    pharmacy_reference,
+    review_task,
+)
+from iop_fhir.store import Saved, Store, UnitOfWork, db
 from iop_fhir.store.messages import COUNTERPARTY_MAX, MESSAGE_ID_MAX, STATUS_MAX, StoredMessage
-from iop_fhir.sync.reconcile import token
+from iop_fhir.store.search_index import escape_value, token_value
+from iop_fhir.sync.destinations import Destination
+from iop_fhir.sync.discharge import aftercare_destinations
 from iop_fhir.terminology import SNOMED
 
 log = logging.getLogger(__name__)
@@ -121,17 +138,20 @@ class NotReplayable(IopFhirError):
 
 @dataclass(frozen=True)
 class InboundOptions:
-    """What processing takes from the settings."""
+    """What processing takes from the settings and the destination file."""
 
     grace_days: int = DEFAULTS["MAT_REFILL_GRACE_DAYS"]
+    # Every configured destination: those serving a discharged client's aftercare provider also
+    # receive the client's adherence Observations and MAT Flags (module docstring).
+    destinations: tuple[Destination, ...] = ()
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> InboundOptions:
+    def from_settings(cls, settings: Mapping[str, Any], destinations: Iterable[Destination] = ()) -> InboundOptions:
         """:raises ConfigError: ``MAT_REFILL_GRACE_DAYS`` is not a whole number of days >= 0."""
         grace = settings.get("MAT_REFILL_GRACE_DAYS", DEFAULTS["MAT_REFILL_GRACE_DAYS"])
         if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
             raise ConfigError(f"MAT_REFILL_GRACE_DAYS must be a whole number of days >= 0, not {grace!r}")
-        return cls(grace_days=grace)
+        return cls(grace_days=grace, destinations=tuple(destinations))
 
 
 @dataclass(frozen=True)
@@ -371,11 +391,6 @@ class _Unit:
     options: InboundOptions
 
 
-def _search_value(text: str) -> str:
-    """A search value with FHIR's escapes, so a comma or pipe in it is not read as syntax."""
-    return re.sub(r"([\\,$|])", r"\\\1", text)
-
-
 def _order_number(resource: JSON) -> str | None:
     """What a NewRx sends as PrescriberOrderNumber: the first identifier value that is not blank."""
     return next((v for i in as_list(resource.get("identifier")) if (v := nonblank(as_dict(i).get("value")))), None)
@@ -391,7 +406,7 @@ def find_prescription(ops: Ops, order_number: str) -> Saved | None:
     """
     found = [
         s
-        for s in every(ops, "MedicationRequest", [("identifier", _search_value(order_number))])
+        for s in every(ops, "MedicationRequest", [("identifier", escape_value(order_number))])
         if s.resource.get("intent") in ORDER_INTENTS and _order_number(s.resource) == order_number
     ]
     if len(found) > 1:
@@ -426,12 +441,29 @@ def _prescription(unit: _Unit, message: m.Message) -> tuple[Saved, str]:
     return found, patient
 
 
-def _upsert(uow: UnitOfWork, resource: JSON) -> Saved:
+def _upsert(uow: UnitOfWork, resource: JSON, deliver_to: Iterable[str] | None = None) -> Saved:
     """Store by the first identifier (``PUT Type?identifier=system|value``): a resend updates,
-    never duplicates; the router picks the destinations."""
+    never duplicates; the router picks the destinations unless ``deliver_to`` names them."""
     ident = as_dict(as_list(resource.get("identifier"))[0])
-    criteria = [("identifier", token(str(ident["system"]), str(ident["value"])))]
-    return uow.conditional_update(resource["resourceType"], criteria, resource)
+    criteria = [("identifier", token_value(str(ident["system"]), str(ident["value"])))]
+    return uow.conditional_update(resource["resourceType"], criteria, resource, deliver_to=deliver_to)
+
+
+def store_fill(uow: UnitOfWork, resource: JSON) -> Saved:
+    """Store what a pharmacy reported of one fill (an RxFill's dispense, a history entry) as the
+    one resource of that fill: the one already kept under any of its fill identifiers (the fill
+    key, then the fill number) merged with it (``script_mapping.merge_fill``), else a new one.
+
+    Reports of one fill key are serialised (an advisory lock on PostgreSQL), so an RxFill and a
+    history of the same fill arriving at once still make one resource.
+    """
+    rtype = resource["resourceType"]
+    keys = [i["value"] for i in identifiers_in(resource.get("identifier")) if i.get("system") == FILL_SYSTEM and i.get("value")]
+    db.lock(uow.connection, f"fill:{rtype}:{keys[0]}")
+    kept = (s for key in keys for s in uow.search(rtype, [("identifier", token_value(FILL_SYSTEM, key))], count=1).entries)
+    stored = next(kept, None)
+    merged = merge_fill(stored.resource if stored is not None else None, resource)
+    return uow.update(rtype, merged["id"], merged)
 
 
 def _changed(saved: Iterable[Saved]) -> tuple[str, ...]:
@@ -442,16 +474,20 @@ def _rx_fill(unit: _Unit, message: m.Message) -> Applied:
     body = message.body
     assert isinstance(body, m.RxFill)
     request, patient = _prescription(unit, message)
-    dispense = _upsert(unit.uow, medication_dispense(message, request.reference, patient))
-    base = identifier_base(request.resource, PRESCRIPTION_KIND) or _system_base(request.resource)
-    derived = update_adherence(unit.uow, patient, now=unit.now, identifier_base=base, grace_days=unit.options.grace_days)
+    dispense = store_fill(unit.uow, medication_dispense(message, request.reference, patient))
+    derived = update_adherence(unit.store, unit.uow, patient, now=unit.now, identifier_base=adherence_base(request.resource), options=unit.options)
     kinds = [s.resource_type for s in derived]
     detail = f"{body.fill_status.status}: {dispense.reference}; {kinds.count('Observation')} PDC Observations, {kinds.count('Flag')} MAT Flags"
     return Applied(detail=detail, prescription=request.reference, patient_key=patient, written=_changed([dispense, *derived]))
 
 
-def _system_base(request: JSON) -> str:
-    """The identifier base of an order that is not one of the IOP record's: its system's parent."""
+def adherence_base(request: JSON) -> str:
+    """The identifier base the adherence resources of an order's patient are written under: the
+    program's (the IOP record's order carries it), else, for an order that is not one of the
+    record's, its identifier system's parent."""
+    base = identifier_base(request, PRESCRIPTION_KIND)
+    if base is not None:
+        return base
     system = next((s for i in as_list(request.get("identifier")) if isinstance(s := as_dict(i).get("system"), str)), None)
     return system.rsplit("/", 1)[0] if system and "/" in system else f"{terminology.CANONICAL}/sid"
 
@@ -547,12 +583,12 @@ def _history(unit: _Unit, message: m.Message) -> Applied:
 
 def apply_history_response(uow: UnitOfWork, message: m.Message, patient_ref: str) -> list[Saved]:
     """Store an RxHistoryResponse for ``patient_ref``: one MedicationDispense or MedicationStatement
-    per entry (``script_mapping.history_resources``), upserted by fill key, so the same fill from
-    two sources or two responses is kept once and a corrected one updates it.
+    per entry (``script_mapping.history_resources``), stored by :func:`store_fill`, so the same fill
+    from two sources, two responses or an RxFill is kept once and a corrected one updates it.
 
     :raises NcpdpInvalid: ``message`` is not an RxHistoryResponse.
     """
-    return [_upsert(uow, resource) for resource in history_resources(message, patient_ref)]
+    return [store_fill(uow, resource) for resource in history_resources(message, patient_ref)]
 
 
 def _history_patient(unit: _Unit, message: m.Message) -> str:
@@ -571,7 +607,7 @@ def _history_patient(unit: _Unit, message: m.Message) -> str:
             "the history names no patient we can find",
             [Issue("answers no RxHistoryRequest of ours, and names no family name, given name and birth date to find the patient by", location=where, code="required")],
         )
-    criteria = [("family", _search_value(name.last)), ("given", _search_value(name.first)), ("birthdate", who.birth_date.isoformat())]
+    criteria = [("family", escape_value(name.last)), ("given", escape_value(name.first)), ("birthdate", who.birth_date.isoformat())]
     gender = m.GENDER_TO_FHIR.get(who.gender or "")
     found = [s for s in every(unit.uow, "Patient", criteria) if _same_person(s.resource, name, gender)]
     if len(found) != 1:
@@ -645,28 +681,54 @@ def discharge_date(ops: Ops, patient_ref: str) -> dt.date | None:
     return parse_date(as_dict(latest.get("period")).get("end"))
 
 
-def update_adherence(uow: UnitOfWork, patient_ref: str, *, now: dt.datetime, identifier_base: str, grace_days: int) -> list[Saved]:
+def update_adherence(
+    store: Store,
+    uow: UnitOfWork,
+    patient_ref: str,
+    *,
+    now: dt.datetime,
+    identifier_base: str,
+    options: InboundOptions,
+    with_pdc: bool = True,
+) -> list[Saved]:
     """Recompute one patient's adherence from every MedicationDispense stored for them: PDC
-    Observations over :func:`pdc_window`, and after discharge the overdue-MAT Flags; each
-    upserted by its identifier (under ``identifier_base``, the program's). Returns what was stored."""
+    Observations over :func:`pdc_window` (unless ``with_pdc`` is False), and after discharge the
+    overdue-MAT Flags (``options.grace_days``); each upserted by its identifier (under
+    ``identifier_base``, the program's). Each goes where the store's router sends it and, once
+    the client is discharged, to the destinations serving their aftercare provider among
+    ``options.destinations``. Returns what was stored."""
     dispenses = [s.resource for s in every(uow, "MedicationDispense", [("patient", patient_ref)])]
     today = now.astimezone(dt.UTC).date()
+    discharged = discharge_date(uow, patient_ref)
+    aftercare = aftercare_destinations(uow, patient_ref, options.destinations) if discharged is not None else []
+
+    def save(resource: JSON) -> Saved:
+        return _upsert(uow, resource, deliver_to=_with_aftercare(store, resource, patient_ref, aftercare))
+
     stored: list[Saved] = []
-    window = pdc_window(dispenses, today)
+    window = pdc_window(dispenses, today) if with_pdc else None
     if window is not None:
         result = pdc(dispenses, window=window)
         for issue in result.issues:
             log.debug("PDC for %s: %s", patient_ref, issue)
         observations = adherence_observations(result, patient_ref, as_of=now.astimezone(dt.UTC), identifier_base=identifier_base)
-        stored += [_upsert(uow, o) for o in observations]
-    discharged = discharge_date(uow, patient_ref)
+        stored += [save(o) for o in observations]
     if discharged is not None:
         requests = [s.resource for s in every(uow, "MedicationRequest", [("patient", patient_ref)])]
         flags = overdue_mat(
-            requests, dispenses, as_of=today, discharge_date=discharged, grace_days=grace_days, identifier_base=identifier_base, report=MappingReport()
+            requests, dispenses, as_of=today, discharge_date=discharged, grace_days=options.grace_days, identifier_base=identifier_base, report=MappingReport()
         )
-        stored += [_upsert(uow, f) for f in flags]
+        stored += [save(f) for f in flags]
     return stored
+
+
+def _with_aftercare(store: Store, resource: JSON, patient_ref: str, aftercare: list[str]) -> list[str] | None:
+    """The router's destinations for ``resource`` and the ``aftercare`` ones; None (the store asks
+    the router itself) when there is no aftercare destination to add."""
+    if not aftercare:
+        return None
+    routed = store.router(resource["resourceType"], resource, patient_ref) if store.router is not None else ()
+    return list(dict.fromkeys([*routed, *aftercare]))
 
 
 # --- replay ----------------------------------------------------------------------------------------
@@ -711,6 +773,7 @@ __all__ = [
     "NotReplayable",
     "PrescriptionUnknown",
     "Replayed",
+    "adherence_base",
     "apply",
     "apply_history_response",
     "cancel_denied_task",
@@ -721,5 +784,6 @@ __all__ = [
     "receive",
     "refuse",
     "replay",
+    "store_fill",
     "update_adherence",
 ]

@@ -45,7 +45,7 @@ drug table ``dea_schedule`` (else our extension)   DrugCoded/DEASchedule (NCI co
 A Condition coded only in SNOMED CT gives no Diagnosis (SCRIPT takes ICD-10-CM here), and only
 the first two ICD-10-CM reasons fit (Primary, Secondary).
 
-**The fill key** (identifier of MedicationDispense / MedicationStatement, system
+**The fill key** (first identifier of MedicationDispense / MedicationStatement, system
 :data:`FILL_SYSTEM`): ``{pharmacy}/{prescription number}/{fill}``.
 
 * *pharmacy*: the dispensing pharmacy's NCPDPID (``npi-…`` when only its NPI is known); a
@@ -53,16 +53,23 @@ the first two ICD-10-CM reasons fit (Primary, Secondary).
 * *prescription number*: the pharmacy's own -- RxFill: Header/RxReferenceNumber (else
   ``order-{PrescriberOrderNumber}``); history: HistorySource/SourceReference (else the drug's
   code and the date written);
-* *fill*: ``fill-N`` from HistorySource/FillNumber, else ``date-YYYY-MM-DD`` from LastFillDate.
-  Without either, an RxFill (not dispensed, transferred) is keyed ``message-{MessageID}`` -- the
-  message is the event -- and a history entry ``written-YYYY-MM-DD``: a prescription never filled.
+* *fill*: ``date-YYYY-MM-DD``, the day it was handed over (LastFillDate), else ``fill-N`` from
+  HistorySource/FillNumber. Without either, an RxFill (not dispensed, transferred) is keyed
+  ``message-{MessageID}`` -- the message is the event -- and a history entry
+  ``written-YYYY-MM-DD``: a prescription never filled.
 
-The same fill reported twice -- a redelivered RxFill, or one fill in the histories of two
-sources -- gets the same identifier, so storing by it (conditional create/update) keeps one
-resource; a status change of a fill (PartiallyDispensed, then Dispensed the same day) updates
-it. An RxFill and a history entry of the same fill meet only when both carry the fill number
-or both only the date (RxFill rarely carries a fill number). The ``id`` derives from the
-identifier (``mappers.ids.resource_id``), as everywhere.
+**One fill, one resource.** The handed-over date keys the fill because both messages that report
+it carry that date: an RxFill (which rarely carries a fill number) and an RxHistoryResponse entry
+(which always does). So a redelivered RxFill, the same fill in the histories of two sources, and
+an RxFill and a history entry of one fill all get the same key, and storing by it keeps one
+MedicationDispense, counted once in PDC. A fill number, when known, is kept as a second
+identifier ``{pharmacy}/{prescription number}/fill-N`` (same system), so a fill re-dated by a
+correction is still found by it. :func:`merge_fill` says what is kept when two reports meet. A
+status change of a fill on one day (PartiallyDispensed, then Dispensed) updates it. The reports
+meet only when both name the pharmacy and its prescription number alike: a history entry
+without its pharmacy (keyed by its source), or an RxFill without RxReferenceNumber (keyed by
+our order number), stays a resource of its own. Two fills of one prescription handed over on
+the same day are one fill here. The ``id`` derives from the key (``mappers.ids.resource_id``).
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ from iop_fhir.mappers.datatypes import (
     drop_empty,
     fhir_datetime,
     identifier_values,
+    identifiers_in,
     name_from_fhir,
     nonblank,
     number,
@@ -106,6 +114,7 @@ from iop_fhir.mappers.organization import PHARMACY_TYPE
 from iop_fhir.pharmacy import controlled
 from iop_fhir.pharmacy.controlled import Resolve, lookup, medication_concept
 from iop_fhir.record.validate import dea_is_valid, npi_is_valid
+from iop_fhir.store.search_index import parse_reference
 from iop_fhir.terminology import DEA, ICD10CM, NCPDP_PROVIDER, NDC, NPI, RXNORM, SNOMED, V3_SUBSTITUTION
 
 __all__ = [
@@ -119,6 +128,7 @@ __all__ = [
     "history_resources",
     "medication_dispense",
     "medication_request_from_new_rx",
+    "merge_fill",
     "new_rx",
     "renewal_response",
     "review_task",
@@ -628,14 +638,58 @@ def _pharmacy_key(pharmacy: m.Pharmacy | None) -> str | None:
 def fill_key(pharmacy: m.Pharmacy | None, rx_number: str | None, medication: m.Medication | None, *, fallback_pharmacy: str | None = None) -> str | None:
     """``{pharmacy}/{prescription number}/{fill}`` (module docstring); None when a part is unknown."""
     who = _pharmacy_key(pharmacy) or fallback_pharmacy
-    source = medication.history_source if medication else None
-    if source is not None and source.fill_number is not None:
-        fill = f"fill-{source.fill_number}"
-    elif medication is not None and medication.last_fill_date is not None:
+    number = _fill_number(medication)
+    if medication is not None and medication.last_fill_date is not None:
         fill = f"date-{medication.last_fill_date.isoformat()}"
+    elif number is not None:
+        fill = f"fill-{number}"
     else:
         return None
     return f"{who}/{rx_number}/{fill}" if who and rx_number else None
+
+
+def _fill_number(medication: m.Medication | None) -> int | None:
+    source = medication.history_source if medication is not None else None
+    return source.fill_number if source is not None else None
+
+
+def _fill_identifiers(key: str, medication: m.Medication | None) -> list[JSON]:
+    """The fill key, then ``{pharmacy}/{prescription number}/fill-N`` when the fill number is known
+    and the key is not already it."""
+    out = [{"system": FILL_SYSTEM, "value": key}]
+    number = _fill_number(medication)
+    by_number = f"{key.rsplit('/', 1)[0]}/fill-{number}"
+    if number is not None and by_number != key:
+        out.append({"system": FILL_SYSTEM, "value": by_number})
+    return out
+
+
+def _authorized_by_an_order(dispense: JSON) -> bool:
+    """Linked to a stored MedicationRequest (an RxFill's link to our order), not to a contained
+    copy of the prescription (a history entry's ``#prescription``)."""
+    references = (r for a in as_list(dispense.get("authorizingPrescription")) if isinstance(r := as_dict(a).get("reference"), str))
+    return any((found := parse_reference(r)) is not None and found[0] == "MedicationRequest" for r in references)
+
+
+def merge_fill(stored: JSON | None, incoming: JSON) -> JSON:
+    """What to keep when ``incoming`` (from an RxFill or a history entry) reports the fill that
+    ``stored`` already holds (None: the first report of it).
+
+    The result keeps ``stored``'s id and every identifier either carries, so the fill stays one
+    resource found by its key and its fill number. Its content is the newer report -- a re-sent or
+    corrected RxFill, a history after a history, an RxFill after a history entry -- except that a
+    history entry never replaces a dispense linked to our order: the RxFill is the dispensing
+    pharmacy's own word to the prescriber about that order, the history entry a copy of it that
+    knows the prescription only as a contained stand-in, and replacing the link would take the
+    fill out of the prescription's PDC.
+    """
+    if stored is None:
+        return incoming
+    kept = stored if _authorized_by_an_order(stored) and not _authorized_by_an_order(incoming) else incoming
+    other = incoming if kept is stored else stored
+    seen = {(i.get("system"), i.get("value")) for i in identifiers_in(kept.get("identifier"))}
+    extra = [i for i in identifiers_in(other.get("identifier")) if (i.get("system"), i.get("value")) not in seen]
+    return {**kept, "id": stored["id"], "identifier": [*identifiers_in(kept.get("identifier")), *extra]}
 
 
 def medication_dispense(fill: m.Message, request_ref: str | None, patient_ref: str) -> JSON:
@@ -680,7 +734,7 @@ def medication_dispense(fill: m.Message, request_ref: str | None, patient_ref: s
         "resourceType": "MedicationDispense",
         "id": resource_id("MedicationDispense", FILL_SYSTEM, key),
         "meta": {"profile": [DISPENSE_PROFILE]},
-        "identifier": [{"system": FILL_SYSTEM, "value": key}],
+        "identifier": _fill_identifiers(key, dispensed if handed_over else None),
         "status": DISPENSE_STATUS[status],
         "statusReasonCodeableConcept": reason,
         "medicationCodeableConcept": product_concept(medication),
@@ -758,7 +812,7 @@ def _history_entry(entry: m.Medication, key: str, patient_ref: str, asserted: st
     contained = [prescription] if carries else None
     common = {
         "contained": contained,
-        "identifier": [{"system": FILL_SYSTEM, "value": key}],
+        "identifier": _fill_identifiers(key, entry),
     }
     if entry.last_fill_date is not None:
         return drop_empty(
@@ -883,16 +937,7 @@ def renewal_response(
     """
     body = _expect(request, m.RxRenewalRequest)
     prescribed = _answered(decision, m.RENEWAL_RESPONSES, medication, body.prescribed or body.dispensed, sent, refills)
-    return m.Message(
-        header=m.reply_header(request.header, message_id=message_id, sent=sent),
-        body=m.RxRenewalResponse(
-            response=_response(decision, note, denial_reason, reason_codes),
-            patient=body.patient,
-            pharmacy=body.pharmacy,
-            prescriber=body.prescriber,
-            prescribed=prescribed,
-        ),
-    )
+    return _reply(request, m.RxRenewalResponse, _response(decision, note, denial_reason, reason_codes), prescribed, message_id=message_id, sent=sent)
 
 
 def change_response(
@@ -915,15 +960,16 @@ def change_response(
     body = _expect(request, m.RxChangeRequest)
     proposed = body.requested[0] if body.requested and decision == "Approved" else body.prescribed
     prescribed = _answered(decision, m.CHANGE_RESPONSES, medication, proposed, sent, None)
+    return _reply(request, m.RxChangeResponse, _response(decision, note, denial_reason, reason_codes), prescribed, message_id=message_id, sent=sent)
+
+
+def _reply(request: m.Message, kind: type, response: m.Response, prescribed: m.Medication | None, *, message_id: str, sent: dt.datetime) -> m.Message:
+    """A prescriber's answer (``kind``: RxRenewalResponse, RxChangeResponse) to ``request``: the
+    parties as the pharmacy named them, the decision, and the order it settles on."""
+    asked = request.body
     return m.Message(
         header=m.reply_header(request.header, message_id=message_id, sent=sent),
-        body=m.RxChangeResponse(
-            response=_response(decision, note, denial_reason, reason_codes),
-            patient=body.patient,
-            pharmacy=body.pharmacy,
-            prescriber=body.prescriber,
-            prescribed=prescribed,
-        ),
+        body=kind(response=response, patient=asked.patient, pharmacy=asked.pharmacy, prescriber=asked.prescriber, prescribed=prescribed),
     )
 
 

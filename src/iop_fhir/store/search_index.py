@@ -219,10 +219,18 @@ PARAMETERS: dict[str, tuple[SearchParam, ...]] = {
         _p("patient", "reference", "target", "Patient"),
         _p("recorded", "date", "recorded"),
     ),
+    # the audit trail (privacy/audit.py): who (agent: the recipient's reference; altid: the client id)
     "AuditEvent": (
         _p("date", "date", "recorded"),
         _p("entity", "reference", "entity.what"),
         _p("patient", "reference", "entity.what", "Patient"),
+        _p("agent", "reference", "agent.who"),
+        _p("altid", "token", "agent.altId"),
+        _p("type", "token", "type"),
+        _p("subtype", "token", "subtype"),
+        _p("action", "token", "action"),
+        _p("outcome", "token", "outcome"),
+        _p("purpose", "token", "purposeOfEvent"),
     ),
 }
 
@@ -503,12 +511,41 @@ _MODIFIERS = {
     "quantity": {"missing"},
     "number": {"missing"},
 }
-_UNESCAPED_COMMA = re.compile(r"(?<!\\),")
-_UNESCAPED_PIPE = re.compile(r"(?<!\\)\|")
+_ESCAPED = re.compile(r"\\([\\,$|])")
+_SPECIAL = re.compile(r"([\\,$|])")
+
+
+def escape_value(text: str) -> str:
+    """``text`` as a search value that reads back as exactly itself: FHIR's backslash before
+    ``\\``, ``,``, ``$`` and ``|``, so an identifier holding a comma is not read as an OR, nor
+    one holding a pipe as a system. The inverse of what :func:`criterion` un-escapes."""
+    return _SPECIAL.sub(r"\\\1", text)
+
+
+def token_value(system: str, code: str) -> str:
+    """A token search value ``system|code`` (an identifier: ``system|value``), each part escaped."""
+    return f"{escape_value(system)}|{escape_value(code)}"
 
 
 def _unescape(text: str) -> str:
-    return text.replace("\\,", ",").replace("\\|", "|").replace("\\$", "$").replace("\\\\", "\\")
+    return _ESCAPED.sub(r"\1", text)
+
+
+def _split(text: str, separator: str, maxsplit: int = 0) -> list[str]:
+    """``text`` cut at each ``separator`` no backslash escapes (``\\\\`` is an escaped backslash,
+    so ``a\\\\|b`` is cut after it); at most ``maxsplit`` cuts when it is not 0."""
+    parts: list[str] = []
+    start = index = 0
+    while index < len(text):
+        if text[index] == "\\":
+            index += 2  # the escaped character is never a separator
+            continue
+        if text[index] == separator and (not maxsplit or len(parts) < maxsplit):
+            parts.append(text[start:index])
+            start = index + 1
+        index += 1
+    parts.append(text[start:])
+    return parts
 
 
 def _like_escape(text: str) -> str:
@@ -617,7 +654,7 @@ def criterion(resource_type: str, key: str, value: str) -> Criterion:
         if value not in ("true", "false"):
             raise _bad(key, "expects true or false")
         return Criterion(resource_type, p, modifier, ((value,),), ())
-    alternatives = _UNESCAPED_COMMA.split(value)
+    alternatives = _split(value, ",")
     if not value or not all(alternatives):
         raise _bad(key, "empty value")
     forms: list[Form] = []
@@ -635,7 +672,7 @@ def _parse(p: SearchParam, modifier: str, key: str, value: str) -> tuple[Form, t
         return ("id",), (_unescape(value),)
     kind = "date" if p.name == "_lastUpdated" else p.table
     if kind == "token":
-        parts = _UNESCAPED_PIPE.split(value, maxsplit=1)
+        parts = _split(value, "|", maxsplit=1)
         if len(parts) == 1:
             return ("code",), (_unescape(value),)
         system, code = (_unescape(part) for part in parts)
@@ -661,7 +698,7 @@ def _parse(p: SearchParam, modifier: str, key: str, value: str) -> tuple[Form, t
         ref_type = modifier or found[0]
         return (("typed",), (ref_type, found[1])) if ref_type else (("id",), (found[1],))
     prefix, text = _prefixed(value)
-    number, *unit = _UNESCAPED_PIPE.split(text)
+    number, *unit = _split(text, "|")
     if len(unit) not in (0, 2):
         raise _bad(key, f"{value!r} is not [prefix]number[|system|code]")
     try:
@@ -796,6 +833,7 @@ __all__ = [
     "check_sort",
     "criterion",
     "date_range",
+    "escape_value",
     "fold",
     "identifiers",
     "index_rows",
@@ -805,4 +843,5 @@ __all__ = [
     "patient_key",
     "search_parameters",
     "sort_expression",
+    "token_value",
 ]

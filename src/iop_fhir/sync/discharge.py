@@ -33,7 +33,9 @@ the package with its next change. A record whose discharge is taken out loses it
 
 Who receives it: every destination whose ``aftercare_providers`` holds an identifier
 (``system|value``: its NPI, or the program's provider identifier) of the provider the
-aftercare plan's follow-up names (:meth:`Destination.serves_aftercare`).
+aftercare plan's follow-up names (:meth:`Destination.serves_aftercare`). What is learnt of the
+client after the package left (pharmacy/inbound.py: overdue MAT refills, adherence from fills) is
+addressed to the same destinations, found from the stored plan by :func:`aftercare_destinations`.
 
 :func:`discharge_status` is ``GET /iop/records/{id}/discharge``: the package and, per
 destination, the state of its latest delivery: ``pending`` (queued, in flight, or failed and
@@ -58,6 +60,7 @@ from iop_fhir.mappers.episode import KIND as EPISODE_KIND
 from iop_fhir.mappers.ids import NAMESPACE, resource_id
 from iop_fhir.record import IopRecord
 from iop_fhir.store import Delivery, DeliveryState, Saved, Store, UnitOfWork, instant
+from iop_fhir.store.search_index import parse_reference
 from iop_fhir.sync.destinations import Destination
 
 JSON = dict[str, Any]
@@ -177,34 +180,60 @@ def _full_url(saved: Saved) -> str:
 # --- who receives it ----------------------------------------------------------------------------
 
 
+def follow_up_performers(plan: JSON) -> list[str]:
+    """The references of the providers an aftercare plan's follow-up (its Appointment activities) names."""
+    found = []
+    for activity in as_list(plan.get("activity")):
+        detail = as_dict(as_dict(activity).get("detail"))
+        if detail.get("kind") == "Appointment":
+            found += [ref for performer in as_list(detail.get("performer")) if (ref := nonblank(as_dict(performer).get("reference")))]
+    return found
+
+
 def receiving_provider(package: JSON) -> list[JSON]:
     """The providers the aftercare plan's follow-up names, as found among the package's entries."""
     by_reference = {f"{e['resource']['resourceType']}/{e['resource']['id']}": e["resource"] for e in package.get("entry") or ()}
-    found = []
-    for entry in package.get("entry") or ():
-        plan = entry["resource"]
-        if plan.get("resourceType") != "CarePlan":
-            continue
-        for activity in as_list(plan.get("activity")):
-            detail = as_dict(as_dict(activity).get("detail"))
-            if detail.get("kind") != "Appointment":
-                continue
-            for performer in as_list(detail.get("performer")):
-                target = by_reference.get(nonblank(as_dict(performer).get("reference")) or "")
-                if target is not None:
-                    found.append(target)
-    return found
+    plans = [e["resource"] for e in package.get("entry") or () if e["resource"].get("resourceType") == "CarePlan"]
+    return [by_reference[ref] for plan in plans for ref in follow_up_performers(plan) if ref in by_reference]
+
+
+def serving(providers: Iterable[JSON], destinations: Iterable[Destination]) -> list[str]:
+    """Names of the destinations that serve one of these providers (by any of its identifiers)."""
+    identifiers = [
+        (i["system"], i["value"])
+        for provider in providers
+        for i in identifiers_in(provider.get("identifier"))
+        if i.get("system") and i.get("value")
+    ]
+    return sorted(d.name for d in destinations if d.serves_aftercare(identifiers))
 
 
 def receiving_destinations(package: JSON, destinations: Mapping[str, Destination]) -> list[str]:
     """Names of the destinations that serve the aftercare provider (by any of its identifiers)."""
-    identifiers = [
-        (i["system"], i["value"])
-        for provider in receiving_provider(package)
-        for i in identifiers_in(provider.get("identifier"))
-        if i.get("system") and i.get("value")
-    ]
-    return sorted(d.name for d in destinations.values() if d.serves_aftercare(identifiers))
+    return serving(receiving_provider(package), destinations.values())
+
+
+def aftercare_destinations(ops: Ops, patient_ref: str, destinations: Iterable[Destination]) -> list[str]:
+    """Names of the destinations serving the patient's aftercare provider, as stored: the provider
+    the follow-up of the patient's latest active aftercare plan (by ``period.start``) names.
+
+    What the package's addressing does for a package, this does for what is learnt after it was
+    sent (an overdue MAT refill, adherence from fills): the same provider, the same destinations.
+    """
+    destinations = list(destinations)
+    if not any(d.aftercare_providers for d in destinations):
+        return []  # nothing to look up: no destination serves an aftercare provider
+    criteria = [("patient", patient_ref), ("category", f"{care_plan.PLAN_KIND}|aftercare"), ("status", "active")]
+    plans = [s.resource for s in every(ops, "CarePlan", criteria)]
+    if not plans:
+        return []
+    latest = max(plans, key=lambda plan: (str(as_dict(plan.get("period")).get("start") or ""), str(plan.get("id"))))
+    providers = []
+    for reference in follow_up_performers(latest):
+        found = parse_reference(reference)
+        if found is not None and found[0] is not None:
+            providers += [s.resource for s in ops.read_many(found[0], [found[1]])]
+    return serving(providers, destinations)
 
 
 def schedule_discharge(uow: UnitOfWork, record: IopRecord, destinations: Mapping[str, Destination]) -> Saved | None:

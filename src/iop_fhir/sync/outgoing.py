@@ -51,13 +51,12 @@ from iop_fhir.errors import Gone, NotFound, PermanentDeliveryError
 from iop_fhir.formats import fhir_json
 from iop_fhir.mappers.ids import NAMESPACE
 from iop_fhir.store import Delivery, Store
-from iop_fhir.store.search_index import identifiers, parse_reference
+from iop_fhir.store.search_index import escape_value, identifiers, parse_reference
 
 JSON = dict[str, Any]
 Identify = Callable[[str, str], tuple[str, str] | None]  # (type, id) -> the resource's business identifier (system, value)
 
 OUR_META = ("versionId", "lastUpdated", "source")  # what only our store means; the target sets its own
-_SEARCH_SPECIAL = str.maketrans({"\\": "\\\\", "|": "\\|", ",": "\\,", "$": "\\$"})
 
 
 @dataclass
@@ -132,11 +131,7 @@ def store_identify(store: Store) -> Identify:
 
 def identifier_search(system: str, value: str) -> str:
     """``identifier=system|value`` as a URL query, each part FHIR-escaped and percent-encoded."""
-    return "identifier=" + _encoded(system) + "|" + _encoded(value)
-
-
-def _encoded(text: str) -> str:
-    return quote(text.translate(_SEARCH_SPECIAL), safe=":/")
+    return "identifier=" + "|".join(quote(escape_value(part), safe=":/") for part in (system, value))
 
 
 def _first(found: list[tuple[str, str]]) -> tuple[str, str] | None:

@@ -69,7 +69,7 @@ from iop_fhir.mappers.ids import resource_id
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.store import Saved, Store, UnitOfWork, instant
 from iop_fhir.store.resources import ID_PATTERN
-from iop_fhir.store.search_index import index_rows, parse_reference, patient_key, search_parameters
+from iop_fhir.store.search_index import index_rows, parse_reference, patient_key, search_parameters, token_value
 from iop_fhir.sync import reconcile
 from iop_fhir.sync.destinations import Destination
 from iop_fhir.terminology import CANONICAL, PROVENANCE_PARTICIPANT, SYNC_SOURCE, data_operation
@@ -142,9 +142,7 @@ class PullResult:
             "unchanged": self.unchanged,
             "conflicts": self.conflicts,
             "by_type": {t: vars(c) for t, c in self.by_type.items()},
-            "reported": [
-                {"severity": i.severity, "code": i.code, "location": i.location, "message": i.message} for i in self.reported
-            ],
+            "reported": [reconcile.issue_json(i) for i in self.reported],
         }
 
 
@@ -234,7 +232,7 @@ class _Puller:
             system, value = ident.get("system"), nonblank(ident.get("value"))
             if not system or value is None:
                 continue
-            criteria = [("identifier", reconcile.token(system, value))]
+            criteria = [("identifier", token_value(system, value))]
             try:
                 found = [r for r in self.client.search("Patient", criteria) if r.get("resourceType") == "Patient"]
             except PermanentDeliveryError as exc:
@@ -350,7 +348,7 @@ class _Puller:
     def _echo(self, uow: UnitOfWork, theirs: JSON, url: str, identifier: tuple[str, str], patient: str, out: _Batch) -> None:
         """The EHR's copy of one of ours: nothing when it agrees, a conflict Task when it does not."""
         resource_type = str(theirs["resourceType"])
-        matches = uow.search(resource_type, [("identifier", reconcile.token(*identifier))], count=1).entries
+        matches = uow.search(resource_type, [("identifier", token_value(*identifier))], count=1).entries
         if not matches:
             out.issues.append(
                 Issue(

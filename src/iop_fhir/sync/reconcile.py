@@ -56,6 +56,7 @@ from iop_fhir.mappers.episode import KIND as EPISODE_KIND
 from iop_fhir.mappers.ids import resource_id
 from iop_fhir.mappers.report import MappingReport
 from iop_fhir.store import Saved, Store, UnitOfWork
+from iop_fhir.store.search_index import token_value
 from iop_fhir.terminology import CANONICAL, SYNC, SYNC_SOURCE
 
 JSON = dict[str, Any]
@@ -107,15 +108,6 @@ def our_identifier(resource: JSON, bases: Collection[str]) -> tuple[str, str] | 
         if isinstance(system, str) and value is not None and is_ours(system, bases):
             return system, value
     return None
-
-
-def token(system: str, value: str) -> str:
-    """A token search value ``system|value`` with FHIR's escapes (``\\``, ``,``, ``$``, ``|``)."""
-
-    def escape(text: str) -> str:
-        return re.sub(r"([\\,$|])", r"\\\1", text)
-
-    return f"{escape(system)}|{escape(value)}"
 
 
 def source_of(resource: JSON) -> str | None:
@@ -307,6 +299,11 @@ def _fill_date(dispense: JSON) -> str | None:
 # --- the reconciliation view --------------------------------------------------------------------
 
 
+def issue_json(issue: Issue) -> JSON:
+    """An issue as the sync's JSON answers (pull results, reconciliation views) show it."""
+    return {"severity": issue.severity, "code": issue.code, "location": issue.location, "message": issue.message}
+
+
 @dataclass
 class Reconciliation:
     """The intake medication reconciliation of one record, as ``/reconciliation`` answers it."""
@@ -325,9 +322,7 @@ class Reconciliation:
             "prescriptions": self.prescriptions,
             "outside_medications": self.outside_medications,
             "conflicts": self.conflicts,
-            "issues": [
-                {"severity": i.severity, "code": i.code, "location": i.location, "message": i.message} for i in self.issues
-            ],
+            "issues": [issue_json(i) for i in self.issues],
         }
 
 
@@ -355,7 +350,7 @@ def reconciliation(ops: Ops, episode: JSON) -> Reconciliation:
     # A fill with no order or statement behind it (a pharmacy claim, say) is still a medication taken.
     view.outside_medications += [outside_medication(d, report) for i, d in enumerate(dispenses) if i not in matched]
     view.issues = [i for i in report.issues if i.severity != "information"]
-    code = token(SYNC, CONFLICT)
+    code = token_value(SYNC, CONFLICT)
     for saved in every(ops, "Task", [("patient", patient), ("code", code)]):
         task = saved.resource
         if task.get("status") in OPEN_TASK:

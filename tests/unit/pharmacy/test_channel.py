@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import importlib.util
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -36,24 +35,6 @@ from iop_fhir.sync.worker import Worker
 from iop_fhir.terminology import SYNC_SOURCE
 
 
-def _store_fixtures() -> Any:
-    """The store tests' fixtures (SQLite, and PostgreSQL when configured), reused, not copied."""
-    path = Path(__file__).resolve().parents[1] / "store" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("iop_store_fixtures", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_fixtures = _store_fixtures()
-backend = _fixtures.backend
-_postgres_admin = _fixtures._postgres_admin
-_sqlite_template = _fixtures._sqlite_template
-_postgres_store_schema = _fixtures._postgres_store_schema
-store_url = _fixtures.store_url
-clock = _fixtures.clock
-open_store = _fixtures.open_store
 
 JSON = dict[str, Any]
 URL = "http://pharmacy.test/ncpdp"

@@ -25,7 +25,10 @@ from iop_fhir.formats.ncpdp import messages as m
 from iop_fhir.pharmacy import inbound
 from iop_fhir.pharmacy.inbound import InboundOptions, NotReplayable, PrescriptionUnknown
 from iop_fhir.pharmacy.script_mapping import FILL_SYSTEM
+from iop_fhir.mappers.care_plan import PLAN_KIND
 from iop_fhir.store import Store
+from iop_fhir.sync.destinations import Destination
+from iop_fhir.terminology import NPI
 
 BASE = "https://iop.example/sid/river"
 NOW = dt.datetime(2026, 3, 5, 15, 0, tzinfo=dt.UTC)
@@ -393,7 +396,9 @@ def test_a_history_answering_our_request_is_stored_for_its_patient_once(store: S
     for message_id in ("h-1", "h-2"):  # two responses with the same fills
         assert reply(inbound.receive(store, history(message_id, "hq-1"), OPTIONS)).kind == "Status"
     dispenses = search(store, "MedicationDispense", ("patient", PATIENT))
-    assert sorted(d["identifier"][0]["value"] for d in dispenses) == ["1434567/RX-1/fill-0", "1434567/RX-1/fill-1"]
+    keys = sorted([i["value"] for i in d["identifier"]] for d in dispenses)
+    # the fill key by the day handed over, the fill number beside it
+    assert keys == [["1434567/RX-1/date-2026-01-06", "1434567/RX-1/fill-0"], ["1434567/RX-1/date-2026-01-20", "1434567/RX-1/fill-1"]]
 
 
 def test_a_pushed_history_finds_its_patient_by_name_and_birth_date(store: Store) -> None:
@@ -419,6 +424,94 @@ def test_apply_history_response_stores_in_the_callers_unit_of_work(store: Store)
     assert [s.resource_type for s in saved] == ["MedicationDispense", "MedicationDispense"] and all(s.changed for s in saved)
     with store.unit() as uow:
         assert not any(s.changed for s in inbound.apply_history_response(uow, message, PATIENT))
+
+
+# --- one fill, one dispense ------------------------------------------------------------------------------
+
+
+def history_of_our_fill(message_id: str, filled: dt.date, fill_number: int) -> bytes:
+    """The pharmacy's history answering our RxHistoryRequest hq-1, reporting a fill it also sent as an RxFill."""
+    entry = dataclasses.replace(
+        drug(filled), history_source=m.HistorySource(source_reference="RX-0884213", fill_number=fill_number), pharmacy=MAIN_STREET, prescriber=DR_OKAFOR
+    )
+    body = m.RxHistoryResponse(patient=JORDAN, dispensed=(entry,))
+    return ncpdp.build(m.Message(header=header(message_id, relates_to="hq-1", order_number=None), body=body))
+
+
+def recompute(store: Store) -> dict[str, dict[str, Any]]:
+    """The patient's adherence computed again now; the PDC Observations by identifier value."""
+    base = inbound.adherence_base(store.read("MedicationRequest", "rx-3").resource)
+    with store.unit() as uow:
+        inbound.update_adherence(store, uow, PATIENT, now=NOW, identifier_base=base, options=OPTIONS)
+    return {o["identifier"][0]["value"]: o for o in search(store, "Observation", ("code", "pdc"))}
+
+
+@pytest.mark.parametrize("rx_fill_first", [True, False], ids=["rx-fill-then-history", "history-then-rx-fill"])
+def test_a_fill_reported_by_rx_fill_and_history_is_one_dispense_counted_once(store: Store, rx_fill_first: bool) -> None:
+    store.messages.record(direction="out", kind="RxHistoryRequest", message_id="hq-1", body=b"<Message/>", status="sent", patient_key=PATIENT)
+    messages = [fill("f-1", dt.date(2026, 2, 1)), history_of_our_fill("h-1", dt.date(2026, 2, 1), 2)]
+    for body in messages if rx_fill_first else messages[::-1]:
+        assert reply(inbound.receive(store, body, OPTIONS)).kind == "Status"
+    (dispense,) = search(store, "MedicationDispense", ("patient", PATIENT))
+    assert dispense["authorizingPrescription"] == [{"reference": BUPRENORPHINE}]  # the RxFill's link to our order stays
+    assert [i["value"] for i in dispense["identifier"]] == ["1434567/RX-0884213/date-2026-02-01", "1434567/RX-0884213/fill-2"]
+    assert search(store, "MedicationDispense", ("identifier", f"{FILL_SYSTEM}|1434567/RX-0884213/fill-2"))  # found by its fill number
+    # 14 days of supply from 02-01 in a window to 03-05: counted twice they would cover 28
+    observations = recompute(store)
+    for key in ("rx-3/2026-02-01/2026-03-05", "p1/moud/2026-02-01/2026-03-05"):
+        assert component(observations[key], "days-covered")["value"] == 14 and component(observations[key], "days-in-period")["value"] == 33
+    # the same history again changes nothing
+    again = inbound.receive(store, history_of_our_fill("h-2", dt.date(2026, 2, 1), 2), OPTIONS)
+    assert store.messages.get(again.message).detail == "1 history entries for Patient/p1" and len(search(store, "MedicationDispense")) == 1
+
+
+# --- the aftercare provider ---------------------------------------------------------------------------------
+
+LAKESIDE_NPI = "1932102084"
+EHR = Destination(name="ehr", kind="fhir", base_url="https://ehr.example/fhir")
+# serves the aftercare provider; its scope names no adherence resource, the aftercare addressing goes past it
+LAKESIDE = Destination(name="lakeside", kind="fhir", base_url="https://lakeside.example/fhir", resources=frozenset({"Patient"}), aftercare_providers=frozenset({f"{NPI}|{LAKESIDE_NPI}"}))
+AFTERCARE_OPTIONS = InboundOptions(grace_days=3, destinations=(EHR, LAKESIDE))
+
+
+def aftercare_plan(provider: str) -> dict[str, Any]:
+    return {
+        "resourceType": "CarePlan",
+        "id": "aftercare-1",
+        "identifier": [{"system": f"{BASE}/aftercare-plan", "value": "ac-1"}],
+        "status": "active",
+        "intent": "plan",
+        "category": [{"coding": [{"system": PLAN_KIND, "code": "aftercare"}]}],
+        "subject": {"reference": PATIENT},
+        "period": {"start": "2026-02-27"},
+        "activity": [{"detail": {"kind": "Appointment", "status": "scheduled", "performer": [{"reference": provider}]}}],
+    }
+
+
+def routed(store: Store, destination: str) -> set[str]:
+    return {d.resource_type for d in store.outbox.list(destination=destination, limit=1000)}
+
+
+def test_adherence_of_a_discharged_client_also_goes_to_the_aftercare_provider(store: Store) -> None:
+    store.update("Organization", "lakeside", {"resourceType": "Organization", "identifier": [{"system": NPI, "value": LAKESIDE_NPI}], "name": "Lakeside"})
+    store.update("CarePlan", "aftercare-1", aftercare_plan("Organization/lakeside"))
+    inbound.receive(store, fill("f-1", dt.date(2026, 2, 13)), AFTERCARE_OPTIONS)  # ran out 02-27: overdue
+    (flag,) = search(store, "Flag")
+    assert flag["status"] == "active"
+    assert routed(store, "lakeside") == {"Flag", "Observation"}  # not the dispense: that the router decides
+    assert {"Flag", "Observation", "MedicationDispense"} <= routed(store, "ehr")  # the router's choice stands
+
+
+def test_no_aftercare_addressing_while_in_the_program_or_without_a_provider_served(store: Store) -> None:
+    store.update("Organization", "lakeside", {"resourceType": "Organization", "identifier": [{"system": NPI, "value": LAKESIDE_NPI}], "name": "Lakeside"})
+    store.update("Organization", "elsewhere", {"resourceType": "Organization", "identifier": [{"system": NPI, "value": "1111111112"}], "name": "Elsewhere"})
+    store.update("CarePlan", "aftercare-1", aftercare_plan("Organization/elsewhere"))
+    inbound.receive(store, fill("f-1", dt.date(2026, 2, 13)), AFTERCARE_OPTIONS)
+    assert search(store, "Flag") and routed(store, "lakeside") == set()  # no destination serves that provider
+    store.update("CarePlan", "aftercare-1", aftercare_plan("Organization/lakeside"))
+    store.update("EpisodeOfCare", "ep-1", episode(None))  # back in the program
+    inbound.receive(store, fill("f-2", dt.date(2026, 3, 5)), AFTERCARE_OPTIONS)
+    assert routed(store, "lakeside") == set()
 
 
 # --- acknowledgements -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from iop_fhir.formats import ncpdp
 from iop_fhir.formats.fhir_validate import validate_resource
 from iop_fhir.formats.ncpdp import NcpdpInvalid
+from iop_fhir.formats.ncpdp import messages as m
 from iop_fhir.generate import generate_record
 from iop_fhir.mappers.bundle import record_to_resources
 from iop_fhir.mappers.datatypes import code_in, concept_text, identifier_values
@@ -323,7 +324,8 @@ def test_history_becomes_dispenses_and_statements_once_per_fill() -> None:
     resources = [valid(r) for r in script_mapping.history_resources(golden("rxhistory-response"), PATIENT_REF)]
     assert [r["resourceType"] for r in resources] == ["MedicationDispense", "MedicationStatement"]
     dispense, statement = resources
-    assert dispense["identifier"][0]["value"] == "1434567/RX-0771902/fill-1"  # the PBM's copy of this fill is dropped
+    # the PBM's copy of this fill is dropped; the fill number stands beside the key by date
+    assert [i["value"] for i in dispense["identifier"]] == ["1434567/RX-0771902/date-2025-12-03", "1434567/RX-0771902/fill-1"]
     assert dispense["whenHandedOver"] == "2025-12-03" and dispense["status"] == "completed"
     prescription = dispense["contained"][0]
     assert prescription["requester"]["identifier"] == {"system": NPI, "value": "1679576722"} and prescription["authoredOn"] == "2025-12-02"
@@ -341,6 +343,45 @@ def test_history_identity_does_not_depend_on_order_or_source() -> None:
         return sorted(r["identifier"][0]["value"] for r in script_mapping.history_resources(history, PATIENT_REF))
 
     assert ids(message) == ids(reversed_message)
+
+
+def history_of(fill: ncpdp.Message, fill_number: int) -> ncpdp.Message:
+    """An RxHistoryResponse from the same pharmacy reporting the fill an RxFill reported."""
+    dispensed = dataclasses.replace(
+        fill.body.dispensed,
+        history_source=m.HistorySource(source_reference=fill.header.rx_reference_number, fill_number=fill_number),
+        pharmacy=fill.body.pharmacy,
+    )
+    header = dataclasses.replace(fill.header, message_id="hist-1", rx_reference_number=None, prescriber_order_number=None)
+    return ncpdp.Message(header=header, body=m.RxHistoryResponse(patient=fill.body.patient, dispensed=(dispensed,)))
+
+
+def test_an_rx_fill_and_a_history_entry_of_one_fill_have_one_key() -> None:
+    fill = golden("rxfill-dispensed")
+    from_fill = script_mapping.medication_dispense(fill, REQUEST_REF, PATIENT_REF)
+    (from_history,) = script_mapping.history_resources(history_of(fill, 3), PATIENT_REF)
+    assert from_history["id"] == from_fill["id"] and from_history["identifier"][0] == from_fill["identifier"][0]
+    assert from_history["identifier"][1] == {"system": FILL_SYSTEM, "value": "1434567/RX-0884213/fill-3"}
+    # another day is another fill, whatever the history's fill number
+    later = dataclasses.replace(fill, body=dataclasses.replace(fill.body, dispensed=dataclasses.replace(fill.body.dispensed, last_fill_date=dt.date(2026, 2, 3))))
+    assert script_mapping.medication_dispense(later, REQUEST_REF, PATIENT_REF)["id"] != from_fill["id"]
+
+
+def test_a_history_entry_never_replaces_the_fills_link_to_our_order() -> None:
+    fill = golden("rxfill-dispensed")
+    from_fill = script_mapping.medication_dispense(fill, REQUEST_REF, PATIENT_REF)
+    (from_history,) = script_mapping.history_resources(history_of(fill, 3), PATIENT_REF)
+    assert script_mapping.merge_fill(None, from_history) == from_history  # the first report stands
+    kept = script_mapping.merge_fill(from_fill, from_history)
+    assert kept["authorizingPrescription"] == [{"reference": REQUEST_REF}] and "contained" not in kept
+    assert kept == {**from_fill, "identifier": from_history["identifier"]}  # only the fill number is added
+    # the other way round, the RxFill replaces the history's copy and keeps its fill number
+    replaced = script_mapping.merge_fill(from_history, from_fill)
+    assert replaced["authorizingPrescription"] == [{"reference": REQUEST_REF}] and replaced["note"] == from_fill["note"]
+    assert replaced["identifier"] == from_history["identifier"] and replaced["id"] == from_history["id"]
+    # a newer report of the same standing wins, under the id already kept
+    stored = {**from_fill, "id": "kept-before", "status": "in-progress"}
+    assert script_mapping.merge_fill(stored, from_fill) == {**from_fill, "id": "kept-before"}
 
 
 # --- renewal and change requests ----------------------------------------------------------------------

@@ -2,13 +2,12 @@
 who receives it, and how its delivery state reads.
 
 The store runs on SQLite, and on PostgreSQL when ``IOP_FHIR_TEST_POSTGRES_URL`` is set (the
-store tests' fixtures, loaded from tests/unit/store/conftest.py).
+store fixtures, tests/store_fixtures.py).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
@@ -27,24 +26,6 @@ from iop_fhir.sync.destinations import Destination
 from iop_fhir.sync.discharge import discharge_package, discharge_status, package_id
 
 
-def _store_fixtures() -> Any:
-    """The store tests' fixtures (SQLite, and PostgreSQL when configured), reused, not copied."""
-    path = Path(__file__).resolve().parents[1] / "store" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("iop_store_fixtures", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_fixtures = _store_fixtures()
-backend = _fixtures.backend
-_postgres_admin = _fixtures._postgres_admin
-_sqlite_template = _fixtures._sqlite_template
-_postgres_store_schema = _fixtures._postgres_store_schema
-store_url = _fixtures.store_url
-clock = _fixtures.clock
-open_store = _fixtures.open_store
 
 JSON = dict[str, Any]
 NPI = "http://hl7.org/fhir/sid/us-npi"

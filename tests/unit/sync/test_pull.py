@@ -4,13 +4,12 @@ conflicts, Provenance, and no echo back to the source.
 The EHR is :class:`FakeEhr`, an in-memory search API with the FhirClient's methods; paging
 through ``next`` links is tested with the real FhirClient against ``responses``. The store
 runs on SQLite, and on PostgreSQL when ``IOP_FHIR_TEST_POSTGRES_URL`` is set (the store
-tests' fixtures, loaded from tests/unit/store/conftest.py).
+store fixtures, tests/store_fixtures.py).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,30 +24,13 @@ from iop_fhir.errors import PermanentDeliveryError, TransientDeliveryError
 from iop_fhir.mappers.ids import resource_id
 from iop_fhir.record import IopRecord
 from iop_fhir.store import Store
+from iop_fhir.store.search_index import token_value
 from iop_fhir.sync import reconcile
 from iop_fhir.sync.destinations import Destination, Router
 from iop_fhir.sync.pull import PullRefused, cursor_key, pull
 from iop_fhir.terminology import SYNC, SYNC_SOURCE
 
 
-def _store_fixtures() -> Any:
-    """The store tests' fixtures (SQLite, and PostgreSQL when configured), reused, not copied."""
-    path = Path(__file__).resolve().parents[1] / "store" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("iop_store_fixtures", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_fixtures = _store_fixtures()
-backend = _fixtures.backend
-_postgres_admin = _fixtures._postgres_admin
-_sqlite_template = _fixtures._sqlite_template
-_postgres_store_schema = _fixtures._postgres_store_schema
-store_url = _fixtures.store_url
-clock = _fixtures.clock
-open_store = _fixtures.open_store
 
 JSON = dict[str, Any]
 BASE = "http://ehr.example/fhir"
@@ -467,9 +449,9 @@ def test_what_another_server_rewrites_is_no_clinical_change(dose, display, subje
     assert reconcile.clinical_differences(ours, changed) == ["dosageInstruction"]
 
 
-@pytest.mark.parametrize("value", ["RB-1", "RB,1", "a|b", "$x", "c\\d"])
+@pytest.mark.parametrize("value", ["RB-1", "RB,1", "a|b", "$x", "c\\d", "ends\\", "\\|,"])
 def test_identifier_searches_escape_fhir_separators(open_store: Callable[..., Store], value: str) -> None:
     store = open_store()
     saved = store.create({"resourceType": "Patient", "identifier": [{"system": "http://x.example/mrn", "value": value}]})
-    found = store.search("Patient", [("identifier", reconcile.token("http://x.example/mrn", value))]).entries
+    found = store.search("Patient", [("identifier", token_value("http://x.example/mrn", value))]).entries
     assert [s.id for s in found] == [saved.id]

@@ -3,7 +3,6 @@ dead letters, lease expiry, drain and the long-running loop, on SQLite and Postg
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import random
 import threading
@@ -28,20 +27,6 @@ from iop_fhir.sync.worker import (
     check_transaction_response,
     default_lease,
 )
-
-# The store tests' fixtures (sqlite, and PostgreSQL when IOP_FHIR_TEST_POSTGRES_URL is set),
-# loaded from their conftest rather than written twice.
-_spec = importlib.util.spec_from_file_location("store_fixtures", Path(__file__).parents[1] / "store" / "conftest.py")
-assert _spec is not None and _spec.loader is not None
-store_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(store_fixtures)
-backend = store_fixtures.backend
-_postgres_admin = store_fixtures._postgres_admin
-_sqlite_template = store_fixtures._sqlite_template
-_postgres_store_schema = store_fixtures._postgres_store_schema
-store_url = store_fixtures.store_url
-clock = store_fixtures.clock
-open_store = store_fixtures.open_store
 
 MRN = "https://iop.example/mrn"
 EHR = Destination(name="ehr", kind="fhir", base_url="http://ehr.invalid/fhir", batch_size=10, max_attempts=4, backoff_base=2.0, backoff_max=60.0)
@@ -78,7 +63,7 @@ def worker_for(store: Store, channel: FakeChannel, *destinations: Destination, *
     chosen = destinations or (EHR,)
     options.setdefault("random", random.Random(7))
     options.setdefault("name", "worker-1")
-    return Worker(store, {d.name: d for d in chosen}, channels={"fhir": lambda d, s: channel}, **options)
+    return Worker(store, {d.name: d for d in chosen}, channels={"fhir": lambda d, s, gate: channel}, **options)
 
 
 def patient(store: Store, mrn: str) -> str:
@@ -133,7 +118,7 @@ def test_each_destination_gets_its_own_batches(make_store) -> None:
     observe(store, patient(store, "1"), 5)
     ehr, registry = FakeChannel(), FakeChannel()
     worker = Worker(
-        store, {"ehr": EHR, "registry": other}, name="w", channels={"fhir": lambda d, s: ehr if d.name == "ehr" else registry}
+        store, {"ehr": EHR, "registry": other}, name="w", channels={"fhir": lambda d, s, gate: ehr if d.name == "ehr" else registry}
     )
     assert worker.run_once().delivered == 3
     by_id = {d.id: d for d in store.outbox.list()}
@@ -318,7 +303,7 @@ def test_a_lease_lost_during_a_split_is_not_delivered_twice(make_store, clock) -
     store = make_store()
     for n in range(4):
         patient(store, str(n))
-    thief = Worker(store, {"ehr": EHR}, name="worker-2", channels={"fhir": lambda d, s: FakeChannel()})
+    thief = Worker(store, {"ehr": EHR}, name="worker-2", channels={"fhir": lambda d, s, gate: FakeChannel()})
 
     def slow_refusal(deliveries: Sequence[Delivery]) -> None:
         if len(deliveries) == 4:  # the request outlives the lease; another worker takes over
