@@ -102,7 +102,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from iop_fhir.config import ConfigError
 from iop_fhir.errors import Gone, IopFhirError, Issue, NotFound
 from iop_fhir.store import Saved, Store, UnitOfWork
-from iop_fhir.store.search_index import PARAMETERS, index_rows, search_parameters
+from iop_fhir.store.search_index import PARAMETERS, referenced_ids, search_parameters
 
 log = logging.getLogger(__name__)
 
@@ -831,10 +831,7 @@ def compartment_patients(resource_type: str, resource: Mapping[str, Any]) -> fro
     if resource_type == "Patient":
         own = resource.get("id")
         return frozenset({own}) if isinstance(own, str) and own else frozenset()
-    if "patient" not in search_parameters(resource_type):
-        return frozenset()
-    rows = index_rows(resource_type, str(resource.get("id") or ""), dict(resource))["reference"]
-    return frozenset(row["ref_id"] for row in rows if row["param"] == "patient" and row["ref_type"] == "Patient")
+    return referenced_ids(resource_type, dict(resource), "patient", "Patient")
 
 
 @dataclass(frozen=True)

@@ -309,9 +309,7 @@ class AuditLog:
             if not events:
                 return
             try:
-                with self.store.unit() as uow:
-                    for event in events:
-                        uow.create(event, deliver_to=())
+                self.store.append(events)
             except Exception:
                 log.exception("cannot write %d audit events; keeping them for the next attempt", len(events))
                 with self._lock:

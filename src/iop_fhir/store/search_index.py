@@ -467,6 +467,22 @@ def index_rows(resource_type: str, resource_id: str, resource: JSON) -> dict[str
     return out
 
 
+def referenced_ids(resource_type: str, resource: JSON, param: str, target: str) -> frozenset[str]:
+    """The ids of the ``target`` resources that reference parameter ``param`` finds in
+    ``resource``: what :func:`index_rows` would index for that one parameter alone (cheap
+    enough to ask for every resource a search returns)."""
+    p = _params(resource_type).get(param)
+    if p is None or p.table != "reference":
+        return frozenset()
+    return frozenset(
+        ref_id
+        for steps in p.steps
+        for value in _walk(resource, steps)
+        for ref_type, ref_id in _references(value, p.targets)
+        if ref_type == target
+    )
+
+
 def patient_key(resource_type: str, resource_id: str, rows: Mapping[str, list[dict[str, Any]]]) -> str | None:
     """``Patient/{id}`` of the patient a resource belongs to (its own for a Patient), else None."""
     if resource_type == "Patient":

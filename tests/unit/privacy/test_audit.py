@@ -230,11 +230,11 @@ def test_a_failing_database_keeps_the_events_for_the_next_flush(store, monkeypat
     log = AuditLog(store, flush_interval=30)
     log.record(event())
 
-    def unavailable() -> None:
+    def unavailable(events: object) -> None:
         raise OSError("the database is away")
 
     with monkeypatch.context() as patched:
-        patched.setattr(store, "unit", unavailable)
+        patched.setattr(store, "append", unavailable)
         log.flush()
     assert log.pending == 1 and "cannot write 1 audit events" in caplog.text
     log.flush()

@@ -227,3 +227,18 @@ def test_a_failed_operation_inside_a_unit_leaves_no_trace(store: Store, make_pat
     assert store.read("Patient", "p2").version == 1
     assert store.search("Patient", [("identifier", f"{MRN}|2")]).entries[0].id == "p2"
     assert store.count("Observation") == 1
+
+
+def test_append_stores_write_once_resources_in_bulk_searchable_and_undelivered(open_store) -> None:
+    store = open_store(router=lambda *args: ["ehr"], labeller=lambda resource, linked: {**resource, "labelled": True})
+    events = [
+        {"resourceType": "AuditEvent", "type": {"code": "rest"}, "recorded": "2026-01-15T09:00:00Z",
+         "agent": [{"requestor": True, "who": {"display": f"client {i}"}}], "source": {"observer": {"display": "gw"}},
+         "entity": [{"what": {"reference": "Patient/p1"}}]}
+        for i in range(3)
+    ]  # fmt: skip
+    assert store.append(events) == 3 and store.append([]) == 0
+    found = store.search("AuditEvent", [("entity", "Patient/p1")], count=10).entries
+    assert len(found) == 3 and len({s.id for s in found}) == 3
+    assert all(s.version == 1 and "labelled" not in s.resource for s in found)  # write-once: no labels
+    assert store.outbox.list() == []  # never delivered
