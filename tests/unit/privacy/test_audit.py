@@ -7,13 +7,10 @@ from __future__ import annotations
 import base64
 import os
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from iop_fhir import terminology
 from iop_fhir.formats.fhir_validate import validate_resource
@@ -28,40 +25,19 @@ from iop_fhir.privacy.audit import (
     audit_event,
     refuse_write,
 )
-from iop_fhir.store import Store
+from iop_fhir.store import Store, utc_now
 from iop_fhir.sync.destinations import Destination, Router
 
-POSTGRES_URL = os.environ.get("IOP_FHIR_TEST_POSTGRES_URL")
 AT = datetime(2026, 3, 1, 12, tzinfo=UTC)
 ORG = "Organization/org-a"
 NPI = ("http://hl7.org/fhir/sid/us-npi", "1932102084")
 EVERYWHERE = Destination(name="ehr", kind="fhir", base_url="http://127.0.0.1:9/fhir")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
-    """A labelling store that routes every change to one destination, on a fresh database of each backend."""
-    options = {"labeller": label, "router": Router([EVERYWHERE])}
-    if request.param == "sqlite":
-        opened = Store.open(f"sqlite:///{tmp_path}/audit.db", **options)
-        yield opened
-        opened.close()
-        return
-    if not POSTGRES_URL:
-        pytest.skip("PostgreSQL: set IOP_FHIR_TEST_POSTGRES_URL to run the store tests on it")
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-    opened = Store.open(url, **options)
-    try:
-        yield opened
-    finally:
-        opened.close()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+@pytest.fixture
+def store(open_store) -> Store:
+    """A labelling store that routes every change to one destination, on a fresh database (SQLite, and PostgreSQL when configured: tests/store_fixtures.py)."""
+    return open_store(clock=utc_now, labeller=label, router=Router([EVERYWHERE]))
 
 
 def event(**changes: object) -> dict:

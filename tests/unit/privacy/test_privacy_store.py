@@ -3,46 +3,20 @@ and searchable by ``_security``. On SQLite, and on PostgreSQL when IOP_FHIR_TEST
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
-
 import pytest
 from privacy_helpers import act, condition, of_type, prescription, resources_of, security
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from iop_fhir import terminology
 from iop_fhir.privacy import is_part2, label
-from iop_fhir.store import Store
+from iop_fhir.store import Store, utc_now
 
-POSTGRES_URL = os.environ.get("IOP_FHIR_TEST_POSTGRES_URL")
 PART2 = f"{terminology.V3_ACT_CODE}|42CFRPart2"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
-    """A store that labels, on a fresh database of each backend."""
-    if request.param == "sqlite":
-        opened = Store.open(f"sqlite:///{tmp_path}/labels.db", labeller=label)
-        yield opened
-        opened.close()
-        return
-    if not POSTGRES_URL:
-        pytest.skip("PostgreSQL: set IOP_FHIR_TEST_POSTGRES_URL to run the store tests on it")
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-    opened = Store.open(url, labeller=label)
-    try:
-        yield opened
-    finally:
-        opened.close()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+@pytest.fixture
+def store(open_store) -> Store:
+    """A store that labels, on a fresh database (SQLite, and PostgreSQL when configured: tests/store_fixtures.py)."""
+    return open_store(clock=utc_now, labeller=label)
 
 
 def test_a_written_resource_is_stored_labelled_and_found_by_its_labels(store):
