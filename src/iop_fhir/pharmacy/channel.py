@@ -68,6 +68,19 @@ id, attempt count and lease) is refused again without another request, so a phar
 rejects a NewRx sees it once per attempt, not once per split. A requeue is a new claim: it
 sends again.
 
+**Decided reviews.** An RxRenewalRequest or RxChangeRequest from a pharmacy becomes a review
+Task (:func:`~iop_fhir.pharmacy.script_mapping.review_task`; identifier ``{sender}/{MessageID}``
+under ``MESSAGE_SYSTEM``), and Tasks are routed to pharmacy destinations too. A Task delivery
+is a trigger as well: the Task's current version is read, and when it was made from a request
+this pharmacy sent (its inbound message found in the message store by sender and MessageID)
+and the prescriber has decided -- ``completed``: Approved; ``rejected`` or ``cancelled``:
+Denied, the reason being the Task's statusReason, else the notes the prescriber added -- the
+RxRenewalResponse or RxChangeResponse goes (RelatesToMessageID the request's), recorded and
+answered like any message. An answer held (sent, accepted or verified) is never sent again; one
+sent without an answer is re-sent byte for byte. Any other Task, and a review still open, sends
+nothing. The response echoes the parties and drugs the pharmacy itself named, so it discloses
+nothing new and is not gated.
+
 **MessageIDs.** Every new message gets a fresh ``uuid4``. A message recorded as ``sent`` with
 no answer (a crash or a timeout after the request left) is re-sent *byte for byte*, its
 MessageID and SentTime unchanged, while the prescription still says the same: the pharmacy
@@ -78,6 +91,7 @@ Error gets a fresh MessageID when tried again (a pharmacy may remember the faile
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -90,7 +104,7 @@ import requests
 from iop_fhir.errors import Gone, IopFhirError, Issue, NotFound, PermanentDeliveryError, TransientDeliveryError
 from iop_fhir.formats import ncpdp
 from iop_fhir.formats.ncpdp import messages as m
-from iop_fhir.mappers.datatypes import as_dict, as_list, code_in_any, identifier_values
+from iop_fhir.mappers.datatypes import as_dict, as_list, code_in_any, concept_text, identifier_values, note_texts
 from iop_fhir.pharmacy import script_mapping
 from iop_fhir.pharmacy.controlled import lookup
 from iop_fhir.privacy.audit import AuditLog
@@ -137,6 +151,10 @@ ORDER_FIELDS = (
     "sig_text",
     "written_date",
 )
+# The requests a prescriber reviews, and the response that answers each.
+REVIEW_RESPONSES = {"RxRenewalRequest": "RxRenewalResponse", "RxChangeRequest": "RxChangeResponse"}
+# A review Task's status once the prescriber decided, as the response's outcome; other statuses wait.
+REVIEW_DECISIONS = {"completed": "Approved", "rejected": "Denied", "cancelled": "Denied"}
 HISTORY_LIMIT = 500  # messages about one prescription read back; a prescription has a handful
 REFUSED_CLAIMS = 256  # refusals remembered while the worker splits a batch (oldest forgotten first)
 
@@ -295,7 +313,12 @@ class NcpdpChannel:
 
     def deliver(self, deliveries: Sequence[Delivery]) -> None:
         latest: dict[str, Delivery] = {}
+        reviews: dict[str, Delivery] = {}
         for delivery in deliveries:
+            if delivery.resource_type == "Task":  # one decision per Task, as per prescription
+                reviews.pop(delivery.resource_id, None)
+                reviews[delivery.resource_id] = delivery
+                continue
             if delivery.resource_type != "MedicationRequest":
                 log.debug("%s: %s/%s is not a prescription; nothing to send", self.destination.name, delivery.resource_type, delivery.resource_id)
                 continue
@@ -303,20 +326,26 @@ class NcpdpChannel:
             latest.pop(reference, None)  # one decision per prescription, in the order of its last delivery
             latest[reference] = delivery
         for reference, delivery in latest.items():
-            claim = (delivery.id, delivery.attempts, delivery.lease_expires_at)
-            refused = self._refused_claims.get(claim)
-            if refused is not None:  # refused in this very claim: the worker is splitting its batch
-                raise refused
             order = self._order(reference, delivery)
-            if order is None:
-                continue
-            try:
-                self._reconcile(order, delivery.patient_key)
-            except PermanentDeliveryError as exc:
-                self._refused_claims[claim] = exc
-                while len(self._refused_claims) > REFUSED_CLAIMS:
-                    del self._refused_claims[next(iter(self._refused_claims))]
-                raise
+            if order is not None:
+                self._once_per_claim(delivery, functools.partial(self._reconcile, order, delivery.patient_key))
+        for task_id, delivery in reviews.items():
+            self._once_per_claim(delivery, functools.partial(self._answer_review, task_id))
+
+    def _once_per_claim(self, delivery: Delivery, decide: Callable[[], None]) -> None:
+        """Run one decision, unless it was refused in this very claim (the worker is splitting its
+        batch): then that refusal again, without another request to the pharmacy."""
+        claim = (delivery.id, delivery.attempts, delivery.lease_expires_at)
+        refused = self._refused_claims.get(claim)
+        if refused is not None:
+            raise refused
+        try:
+            decide()
+        except PermanentDeliveryError as exc:
+            self._refused_claims[claim] = exc
+            while len(self._refused_claims) > REFUSED_CLAIMS:
+                del self._refused_claims[next(iter(self._refused_claims))]
+            raise
 
     def close(self) -> None:
         self.link.close()
@@ -424,7 +453,7 @@ class NcpdpChannel:
                 self.link.post(previous.id, previous.body, message_id=previous.message_id, prescription=order.reference, patient_key=patient_key)
                 return
             self.store.messages.set_status(previous.id, SUPERSEDED, f"replaced by a NewRx of version {order.version}")
-        self._send(message, order, patient_key, detail=f"version {order.version}")
+        self._send(message, order.reference, patient_key, detail=f"version {order.version}")
 
     def _new_rx(self, order: _Order, patient_key: str | None, resolve: Callable[[str], JSON | None]) -> m.Message:
         try:
@@ -483,7 +512,7 @@ class NcpdpChannel:
             )
         except m.NcpdpInvalid as exc:
             raise self._refused("CancelRx", order, exc, patient_key) from None
-        self._send(message, order, patient_key, relates_to=held.new_rx.message_id, detail=f"version {order.version}")
+        self._send(message, order.reference, patient_key, relates_to=held.new_rx.message_id, detail=f"version {order.version}")
 
     def _rx_reference_number(self, reference: str) -> str | None:
         """The pharmacy's own number for the prescription, from the newest of its messages that carried one."""
@@ -498,35 +527,99 @@ class NcpdpChannel:
                 return number
         return None
 
+    # -- answering the pharmacy's renewal and change requests
+
+    def _answer_review(self, task_id: str) -> None:
+        """Send the prescriber's decision on one review Task, once (module doc: Decided reviews)."""
+        name = self.destination.name
+        try:
+            task = self.store.read("Task", task_id).resource
+        except (NotFound, Gone):
+            return
+        request = self._review_request(task)
+        if request is None:
+            log.debug("%s: Task/%s answers no renewal or change request of pharmacy %s", name, task_id, self.ncpdp_id)
+            return
+        decision = REVIEW_DECISIONS.get(str(task.get("status")))
+        if decision is None:
+            log.debug("%s: Task/%s is %s; the prescriber has not decided yet", name, task_id, task.get("status"))
+            return
+        kind = REVIEW_RESPONSES[request.kind]
+        answers = self._answers(request.message_id, kind)
+        held = next((a for a in reversed(answers) if a.status in HELD), None)
+        if held is not None:
+            if held.status == SENT:  # sent before without an answer: the same bytes again
+                log.info("%s: re-sending %s %s, unanswered so far", name, kind, held.message_id)
+                self.link.post(held.id, held.body, message_id=held.message_id, prescription=request.prescription, patient_key=request.patient_key)
+            return
+        asked = ncpdp.parse(request.body)
+        reason = self._denial_reason(task, asked) if decision == "Denied" else None
+        build = script_mapping.renewal_response if kind == "RxRenewalResponse" else script_mapping.change_response
+        try:
+            message = build(asked, decision=decision, message_id=self._new_id(), sent=self.store.clock(), denial_reason=reason)
+            self._send(message, request.prescription, request.patient_key, relates_to=request.message_id, detail=f"Task/{task_id} {task.get('status')}")
+        except m.NcpdpInvalid as exc:
+            reasons = "; ".join(str(issue) for issue in exc.issues) or exc.message
+            self._record_refusal(kind, request.prescription, reasons, request.patient_key, relates_to=request.message_id)
+            raise PermanentDeliveryError(f"{kind} to {request.kind} {request.message_id} (Task/{task_id}) refused: {reasons}", exc.issues) from None
+
+    def _review_request(self, task: JSON) -> StoredMessage | None:
+        """The RxRenewalRequest or RxChangeRequest of this pharmacy a review Task was made from,
+        applied and kept in the message store; None for any other Task."""
+        for key in identifier_values(task, script_mapping.MESSAGE_SYSTEM):
+            sender, _, message_id = key.partition("/")
+            if sender != self.ncpdp_id or not message_id:
+                continue
+            found = self.store.messages.find(message_id, direction="in", counterparty=sender)
+            if found is not None and found.kind in REVIEW_RESPONSES and found.status == "processed":
+                return found
+        return None
+
+    def _answers(self, request_id: str, kind: str) -> list[StoredMessage]:
+        """Our responses of ``kind`` to the pharmacy's message ``request_id``, sent or refused, oldest first."""
+        return [a for a in self.store.messages.replies_to(request_id) if a.direction == "out" and a.kind == kind and a.counterparty == self.destination.name]
+
+    @staticmethod
+    def _denial_reason(task: JSON, asked: m.Message) -> str | None:
+        """Why the prescriber denied: the Task's statusReason, else the notes they added (those
+        the review Task copied from the pharmacy's request are the pharmacy's, not a reason)."""
+        stated = concept_text(task.get("statusReason"))
+        if stated:
+            return stated
+        theirs = set(note_texts(script_mapping.review_task(asked, None, "").get("note")))
+        added = [text for text in note_texts(task.get("note")) if text not in theirs]
+        return "; ".join(added) or None
+
     # -- sending and refusing
 
-    def _send(self, message: m.Message, order: _Order, patient_key: str | None, *, relates_to: str | None = None, detail: str | None = None) -> Exchange:
+    def _send(self, message: m.Message, prescription: str | None, patient_key: str | None, *, relates_to: str | None = None, detail: str | None = None) -> Exchange:
         body = ncpdp.build(message)
         message_id = message.header.message_id
-        row = self.link.record(body, kind=message.kind, message_id=message_id, prescription=order.reference, patient_key=patient_key, relates_to=relates_to, detail=detail)
-        exchange = self.link.post(row, body, message_id=message_id, prescription=order.reference, patient_key=patient_key)
+        row = self.link.record(body, kind=message.kind, message_id=message_id, prescription=prescription, patient_key=patient_key, relates_to=relates_to, detail=detail)
+        exchange = self.link.post(row, body, message_id=message_id, prescription=prescription, patient_key=patient_key)
         if not isinstance(exchange.reply.body, (m.Status, m.Verify)):
             self.store.messages.set_status(row, SENT, f"answered with a {exchange.reply.kind}")
             raise PermanentDeliveryError(f"{self.destination.name} answered the {message.kind} with a {exchange.reply.kind}, not Status, Verify or Error")
-        log.info("%s: %s %s of %s %s", self.destination.name, message.kind, message_id, order.reference, "verified" if isinstance(exchange.reply.body, m.Verify) else "accepted")
+        log.info("%s: %s %s of %s %s", self.destination.name, message.kind, message_id, prescription, "verified" if isinstance(exchange.reply.body, m.Verify) else "accepted")
         return exchange
 
     def _refused(self, kind: str, order: _Order, exc: m.NcpdpInvalid, patient_key: str | None) -> PermanentDeliveryError:
         """Record a message that may not be sent (once per reason) and the error that kills the delivery."""
         reasons = "; ".join(str(issue) for issue in exc.issues) or exc.message
-        self._record_refusal(kind, order, reasons, patient_key)
+        self._record_refusal(kind, order.reference, reasons, patient_key)
         return PermanentDeliveryError(f"{kind} of {order.reference} version {order.version} refused: {reasons}", exc.issues)
 
     def _withheld(self, kind: str, order: _Order, resource: JSON, part2: bool, reason: str, patient_key: str | None) -> PermanentDeliveryError:
         """A message the patient's consents do not let go to this pharmacy: recorded as refused
         (once per reason) and the error that kills the delivery, visibly."""
         why = f"no Part 2 consent for pharmacy {self.ncpdp_id}" if part2 else f"not disclosed to pharmacy {self.ncpdp_id}: {reason}"
-        self._record_refusal(kind, order, why, patient_key)
+        self._record_refusal(kind, order.reference, why, patient_key)
         where = str(resource.get("resourceType"))
         return PermanentDeliveryError(f"{kind} of {order.reference} version {order.version} withheld: {why}", [Issue(why, location=where, code="suppressed")])
 
-    def _record_refusal(self, kind: str, order: _Order, reasons: str, patient_key: str | None) -> None:
-        attempts = self._sent(order.reference, (kind,))
+    def _record_refusal(self, kind: str, prescription: str | None, reasons: str, patient_key: str | None, *, relates_to: str | None = None) -> None:
+        # a response is refused per request it answers; a NewRx or CancelRx per prescription
+        attempts = self._answers(relates_to, kind) if relates_to else self._sent(prescription, (kind,)) if prescription else []
         last = attempts[-1] if attempts else None
         if last is None or last.status != REFUSED or last.detail != reasons:
             self.store.messages.record(
@@ -535,8 +628,9 @@ class NcpdpChannel:
                 message_id=self._new_id(),
                 body=b"",
                 status=REFUSED,
+                relates_to=relates_to,
                 counterparty=self.destination.name,
-                prescription=order.reference,
+                prescription=prescription,
                 patient_key=patient_key,
                 detail=reasons,
             )

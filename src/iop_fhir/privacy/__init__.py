@@ -7,6 +7,9 @@
   :func:`decide` judges one resource for one recipient, :func:`disclose` a batch, returning
   what may go out (labelled, redacted) and the verdicts an audit records.
 * ``redact``: removes the mentions of what a recipient may not see.
+* ``gate``: :class:`~iop_fhir.privacy.gate.PrivacyGate`, the one place every exit asks what may
+  leave for a recipient (and has it audited); ``recipients`` maps API clients and destinations
+  to recipients; ``audit`` builds and stores the AuditEvents and reads back the accounting.
 
 docs/privacy.md states the policy and how each exit uses this package.
 """

@@ -44,8 +44,9 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # Never delivered by routing: audit trails stay here, Bundles go only as discharge packages
 # (addressed explicitly), and OperationOutcomes are not stored resources.
 NEVER_ROUTED = frozenset({"AuditEvent", "Bundle", "OperationOutcome"})
-# What a pharmacy is sent (as NewRx / CancelRx): prescriptions, nothing else.
-PHARMACY_RESOURCES = frozenset({"MedicationRequest"})
+# What a pharmacy is sent: prescriptions (as NewRx / CancelRx) and Tasks, of which the channel
+# answers only the reviews of that pharmacy's renewal and change requests (RxRenewalResponse, ...).
+PHARMACY_RESOURCES = frozenset({"MedicationRequest", "Task"})
 # Purposes of use a destination may declare: those a consent can name (v3-ActReason) but
 # ETREAT: an emergency is asserted per request (break the glass), never a system's standing purpose.
 EMERGENCY_PURPOSE = "ETREAT"

@@ -25,7 +25,9 @@ from iop_fhir.formats import ncpdp
 from iop_fhir.formats.ncpdp import messages as m
 from iop_fhir.mappers.context import MappingContext
 from iop_fhir.pharmacy.channel import NcpdpChannel
+from iop_fhir.pharmacy import inbound
 from iop_fhir.pharmacy.history import HistoryRefused, request_history
+from iop_fhir.pharmacy.inbound import InboundOptions
 from iop_fhir.pharmacy.script_mapping import FILL_SYSTEM
 from iop_fhir.pharmacy.simulator import PharmacySimulator
 from iop_fhir.record import validate_record
@@ -462,3 +464,94 @@ def test_a_history_answered_later_or_refused(store: Store, pharmacy: Pharmacy, e
     with pytest.raises(HistoryRefused) as refused:
         request_history(store, PHARMACY, lonely.id)
     assert refused.value.issues[0].location == "prescriber"
+
+
+# --- answers to the pharmacy's renewal and change requests ----------------------------------------------
+
+
+def ask(store: Store, pharmacy: Pharmacy, record: JSON, message_id: str, body: Callable[[m.NewRx], Any]) -> JSON:
+    """The pharmacy sends ``body`` (made from the NewRx of rx-2 it holds) about rx-2; the review Task it becomes."""
+    number = order_number(record, "rx-2")
+    held = next(x for x in pharmacy.received if x.kind == "NewRx" and x.header.prescriber_order_number == number)
+    header = m.Header(
+        message_id=message_id,
+        to=held.header.from_,
+        from_=m.RoutingId(value=MAIN_STREET, qualifier="P"),
+        sent_time=SENT,
+        rx_reference_number="RX-7731",
+        prescriber_order_number=number,
+    )
+    answer = inbound.receive(store, ncpdp.build(m.Message(header=header, body=body(held.body))), InboundOptions())
+    assert answer.http_status == 200
+    (task,) = [s.resource for s in store.search("Task", [("identifier", f"{MAIN_STREET}/{message_id}")]).entries]
+    return task
+
+
+def decide(store: Store, task: JSON, status: str, **more: Any) -> None:
+    store.update("Task", task["id"], {**task, "status": status, **more})
+
+
+def parties(new_rx: m.NewRx) -> dict[str, Any]:
+    return {"patient": new_rx.patient, "pharmacy": new_rx.pharmacy, "prescriber": new_rx.prescriber}
+
+
+def test_an_approved_renewal_is_answered_once(store: Store, clock: Any, pharmacy: Pharmacy, example_json: JSON) -> None:
+    save(store, example_json)
+    worker(store, clock).drain(max_wait=0)
+    task = ask(store, pharmacy, example_json, "renew-1", lambda held: m.RxRenewalRequest(**parties(held), dispensed=held.medication))
+    assert worker(store, clock).drain(max_wait=0).dead == 0
+    assert pharmacy.kinds() == ["NewRx", "NewRx"]  # still under review: nothing to say
+    decide(store, task, "completed")
+    assert worker(store, clock).drain(max_wait=0).dead == 0
+    answer = pharmacy.received[-1]
+    assert answer.kind == "RxRenewalResponse" and answer.body.response.outcome == "Approved"
+    assert answer.header.relates_to_message_id == "renew-1" and answer.header.to == m.RoutingId(value=MAIN_STREET, qualifier="P")
+    assert answer.header.rx_reference_number == "RX-7731" and answer.body.prescribed.written_date == clock.now.date()
+    reference = prescription_ref(store, example_json, "rx-2")
+    (kept,) = [s for s in outbound(store) if s.kind == "RxRenewalResponse"]
+    assert (kept.status, kept.relates_to, kept.prescription, kept.counterparty) == ("accepted", "renew-1", reference, "main-street")
+    # every delivery again, and the Task touched again: the pharmacy is not told twice
+    NcpdpChannel(PHARMACY, store).deliver(deliveries(store))
+    decide(store, task, "completed", note=[{"text": "Renewed for 3 more months."}])
+    assert worker(store, clock).drain(max_wait=0).dead == 0
+    assert pharmacy.kinds() == ["NewRx", "NewRx", "RxRenewalResponse"]
+
+
+def test_a_rejected_change_is_denied_with_the_reason(store: Store, clock: Any, pharmacy: Pharmacy, example_json: JSON) -> None:
+    save(store, example_json)
+    worker(store, clock).drain(max_wait=0)
+    generic = lambda held: m.RxChangeRequest(**parties(held), request_code="G", prescribed=held.medication, requested=(replace(held.medication, description="sertraline 50 MG Oral Capsule"),))  # noqa: E731
+    task = ask(store, pharmacy, example_json, "change-1", generic)
+    decide(store, task, "rejected", statusReason={"text": "Tablet needed: the dose is split"})
+    assert worker(store, clock).drain(max_wait=0).dead == 0
+    answer = pharmacy.received[-1]
+    assert answer.kind == "RxChangeResponse" and answer.header.relates_to_message_id == "change-1"
+    assert (answer.body.response.outcome, answer.body.response.denial_reason) == ("Denied", "Tablet needed: the dose is split")
+    assert [(s.kind, s.status) for s in outbound(store) if s.relates_to == "change-1" and s.counterparty == "main-street"] == [("RxChangeResponse", "accepted")]
+
+
+def test_a_cancelled_review_without_a_reason_names_the_prescribers_note(store: Store, clock: Any, pharmacy: Pharmacy, example_json: JSON) -> None:
+    save(store, example_json)
+    worker(store, clock).drain(max_wait=0)
+    noted = lambda held: m.RxRenewalRequest(**parties(held), dispensed=replace(held.medication, note="Patient asks for 90 days"))  # noqa: E731
+    task = ask(store, pharmacy, example_json, "renew-2", noted)
+    decide(store, task, "cancelled", note=[*task["note"], {"text": "Discharged from the program; see the aftercare prescriber."}])
+    assert worker(store, clock).drain(max_wait=0).dead == 0
+    answer = pharmacy.received[-1]
+    assert (answer.kind, answer.body.response.outcome) == ("RxRenewalResponse", "Denied")
+    assert answer.body.response.denial_reason == "Discharged from the program; see the aftercare prescriber."
+
+
+def test_tasks_that_answer_no_request_of_this_pharmacy_send_nothing(store: Store, clock: Any, pharmacy: Pharmacy, example_json: JSON) -> None:
+    save(store, example_json)
+    worker(store, clock).drain(max_wait=0)
+    patient = store.read(*prescription_ref(store, example_json, "rx-2").split("/")).resource["subject"]
+    store.create({"resourceType": "Task", "status": "completed", "intent": "order", "for": patient, "description": "Call the client"})
+    task = ask(store, pharmacy, example_json, "renew-3", lambda held: m.RxRenewalRequest(**parties(held), dispensed=held.medication))
+    decide(store, task, "completed")
+    elm = replace(PHARMACY, name="elm-street", ncpdp_id="2230418")
+    result = worker(store, clock, elm).drain(max_wait=0)  # the request came from main-street, not elm-street
+    assert result.dead == 0 and result.delivered == len(deliveries(store, "elm-street")) > 0
+    assert pharmacy.kinds() == ["NewRx", "NewRx"]
+    assert worker(store, clock).drain(max_wait=0).dead == 0  # main-street: the ad-hoc Task sends nothing, the review its answer
+    assert pharmacy.kinds() == ["NewRx", "NewRx", "RxRenewalResponse"]

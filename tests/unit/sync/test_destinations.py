@@ -113,8 +113,10 @@ def test_the_router_applies_type_program_and_patient_scopes() -> None:
     # shared parties have no patient: the patient filter lets them through so references resolve at the target
     practitioner = {"resourceType": "Practitioner", "identifier": [{"system": "https://iop-fhir.org/fhir/sid/riverbend-iop/staff", "value": "s"}]}
     assert route("Practitioner", practitioner, None) == ["riverbend-only", "one-client"]
-    # a pharmacy is sent prescriptions only
+    # a pharmacy is sent prescriptions, and Tasks (its channel answers the reviews of its requests)
     assert "pharmacy" in route("MedicationRequest", {"resourceType": "MedicationRequest"}, f"Patient/{ours}")
+    assert "pharmacy" in route("Task", {"resourceType": "Task"}, f"Patient/{ours}")
+    assert "pharmacy" not in route("Condition", {"resourceType": "Condition"}, f"Patient/{ours}")
     # audit trails and bundles are never routed
     assert route("AuditEvent", {"resourceType": "AuditEvent"}, None) == []
     assert route("Bundle", {"resourceType": "Bundle"}, None) == []
