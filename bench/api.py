@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from processes import Server, launch
 
 ROOT = Path(__file__).resolve().parent
 SECRET = "bench-secret-of-at-least-thirty-two-bytes!"
@@ -82,21 +82,6 @@ def serve(kind: str, port: int, database_url: str, workers: int, worker_class: s
     run_gunicorn(app, gunicorn_options("127.0.0.1", port, workers, threads=threads, worker_class=worker_class))
 
 
-@dataclass
-class Server:
-    base: str
-    process: subprocess.Popen[bytes]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-
-
 def start(kind: str, database_url: str, args: argparse.Namespace) -> Server:
     from iop_fhir.serve import free_port
 
@@ -104,19 +89,7 @@ def start(kind: str, database_url: str, args: argparse.Namespace) -> Server:
     command = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--database-url", database_url]
     command += ["--workers", str(args.workers), "--worker-class", args.worker_class, "--threads", str(args.threads)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOP_FHIR_")}
-    process = subprocess.Popen([*command, *(["--auth"] if args.auth else [])], env=env, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", process)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the {kind} server exited with {process.returncode}")
-        try:
-            requests.get(server.base + "/healthz", timeout=1)
-            return server
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    server.stop()
-    raise SystemExit(f"the {kind} server did not answer within 60 s")
+    return launch([*command, *(["--auth"] if args.auth else [])], port, env, label=f"{kind} server")
 
 
 # --- data --------------------------------------------------------------------------------------

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import requests
+from processes import Server, launch
 
 from iop_fhir.api import STORE_KEY
 from iop_fhir.formats import fhir_json
@@ -59,49 +58,17 @@ TARGET_BATCHED_VS_DIRECT = 0.70
 # --- the target ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Target:
-    base: str
-    process: subprocess.Popen[bytes]
-
-    @property
-    def fhir(self) -> str:
-        return f"{self.base}/fhir"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-
-
-def start_target(folder: Path, workers: int) -> Target:
+def start_target(folder: Path, workers: int) -> Server:
     """``iop-fhir serve`` on a new SQLite file, awaited until ``/healthz`` answers (60 s at most)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOP_FHIR_")}
     env.update({"IOP_FHIR_DATABASE_URL": f"sqlite:///{folder / 'target.sqlite'}", "IOP_FHIR_AUTH": "off", "IOP_FHIR_LOG_LEVEL": "WARNING"})
     command = [sys.executable, "-m", "iop_fhir.cli", "serve", "--port", str(port), "--workers", str(workers)]
-    with (folder / "target.log").open("wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    target = Target(f"http://127.0.0.1:{port}", process)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the target exited with {process.returncode}: {(folder / 'target.log').read_text()[-2000:]}")
-        try:
-            if requests.get(f"{target.base}/healthz", timeout=1).status_code == 200:
-                for _ in range(2 * workers):  # every worker answers once before the clock starts
-                    requests.get(f"{target.fhir}/metadata", timeout=10)
-                return target
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    target.stop()
-    raise SystemExit("the target did not answer within 60 s")
+    target = launch(command, port, env, label="target", log=folder / "target.log")
+    for _ in range(2 * workers):  # every worker answers once before the clock starts
+        requests.get(f"{target.fhir}/metadata", timeout=10)
+    return target
 
 
 # --- the source ----------------------------------------------------------------------------------
