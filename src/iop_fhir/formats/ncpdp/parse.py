@@ -507,19 +507,6 @@ def _renewal_request(r: _Reader, el: etree._Element, path: str) -> RxRenewalRequ
     )
 
 
-def _renewal_response(r: _Reader, el: etree._Element, path: str) -> RxRenewalResponse | None:
-    response = r.response(el, path, RENEWAL_RESPONSES)
-    if response is None:
-        return None
-    return RxRenewalResponse(
-        response=response,
-        patient=r.patient(el, path),
-        pharmacy=r.pharmacy(el),
-        prescriber=r.prescriber(el),
-        prescribed=r.medication(first_child(el, "MedicationPrescribed"), f"{path}/MedicationPrescribed"),
-    )
-
-
 def _change_request(r: _Reader, el: etree._Element, path: str) -> RxChangeRequest:
     return RxChangeRequest(
         request_code=child_text(el, "MessageRequestCode"),
@@ -532,17 +519,24 @@ def _change_request(r: _Reader, el: etree._Element, path: str) -> RxChangeReques
     )
 
 
-def _change_response(r: _Reader, el: etree._Element, path: str) -> RxChangeResponse | None:
-    response = r.response(el, path, CHANGE_RESPONSES)
-    if response is None:
-        return None
-    return RxChangeResponse(
-        response=response,
-        patient=r.patient(el, path),
-        pharmacy=r.pharmacy(el),
-        prescriber=r.prescriber(el),
-        prescribed=r.medication(first_child(el, "MedicationPrescribed"), f"{path}/MedicationPrescribed"),
-    )
+def _decision(
+    kind: type[RxRenewalResponse] | type[RxChangeResponse], choices: tuple[str, ...]
+) -> Callable[[_Reader, etree._Element, str], RxRenewalResponse | RxChangeResponse | None]:
+    """The parser of a prescriber's answer (renewal or change): the same shape, its own choices."""
+
+    def parse(r: _Reader, el: etree._Element, path: str) -> RxRenewalResponse | RxChangeResponse | None:
+        response = r.response(el, path, choices)
+        if response is None:
+            return None
+        return kind(
+            response=response,
+            patient=r.patient(el, path),
+            pharmacy=r.pharmacy(el),
+            prescriber=r.prescriber(el),
+            prescribed=r.medication(first_child(el, "MedicationPrescribed"), f"{path}/MedicationPrescribed"),
+        )
+
+    return parse
 
 
 def _rx_fill(r: _Reader, el: etree._Element, path: str) -> RxFill | None:
@@ -609,9 +603,9 @@ _BODY_READERS: dict[str, Callable[[_Reader, etree._Element, str], Body | None]] 
     "CancelRx": _cancel_rx,
     "CancelRxResponse": _cancel_rx_response,
     "RxRenewalRequest": _renewal_request,
-    "RxRenewalResponse": _renewal_response,
+    "RxRenewalResponse": _decision(RxRenewalResponse, RENEWAL_RESPONSES),
     "RxChangeRequest": _change_request,
-    "RxChangeResponse": _change_response,
+    "RxChangeResponse": _decision(RxChangeResponse, CHANGE_RESPONSES),
     "RxFill": _rx_fill,
     "RxHistoryRequest": _history_request,
     "RxHistoryResponse": _history_response,
