@@ -30,12 +30,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from iop_fhir import terminology
 from iop_fhir.errors import TransientDeliveryError
 from iop_fhir.formats import fhir_json
 from iop_fhir.mappers.datatypes import as_dict, as_list
 from iop_fhir.privacy.consent import Decision, Disclosure, Recipient, Verdict
-from iop_fhir.privacy.gate import PrivacyGate, name_of
+from iop_fhir.privacy.gate import PrivacyGate, bundle_meta, name_of
 from iop_fhir.privacy.labels import ORIGIN, add_labels, is_directory, reference_key
 from iop_fhir.privacy.recipients import recipient_for_destination
 from iop_fhir.privacy.redact import REDACTED
@@ -48,10 +47,6 @@ JSON = dict[str, Any]
 WHO = "iop-fhir worker"  # the requesting agent of every delivery's AuditEvent
 WITHHELD = "withheld: "  # how the note of a delivery withheld whole begins
 HISTORY = 200  # deliveries of one resource to one destination read back (a resource has a few versions)
-# The notice against redisclosure (42 CFR 2.32) on a transaction carrying Part 2 data:
-# Bundle.meta.extension (Bundle itself has no extension element in R4; Meta, an Element, has).
-NOTICE_EXTENSION = terminology.extension_url("redisclosure-notice")
-PART2_BUNDLE_LABELS = ("42CFRPart2", "NORDSCLCD")
 
 
 @dataclass
@@ -66,17 +61,8 @@ class Released:
     notice: str | None = None
 
     def bundle_meta(self) -> JSON | None:
-        """``Bundle.meta`` of the transaction: ``REDACTED`` when anything was left out or cut
-        (saying so without saying what); with Part 2 data, its policy and refrain labels and the
-        notice against redisclosure."""
-        security = [terminology.security_label(REDACTED)] if self.withheld or self.redacted else []
-        meta: JSON = {}
-        if self.notice:
-            security += [terminology.security_label(code) for code in PART2_BUNDLE_LABELS]
-            meta["extension"] = [{"url": NOTICE_EXTENSION, "valueString": self.notice}]
-        if security:
-            meta["security"] = security
-        return meta or None
+        """``Bundle.meta`` of the transaction, as every exit labels a Bundle (:func:`privacy.gate.bundle_meta`)."""
+        return bundle_meta(self.withheld, self.redacted, self.notice)
 
 
 @dataclass
