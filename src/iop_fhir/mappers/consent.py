@@ -186,7 +186,7 @@ def _consent(resource: JSON, index: ResourceIndex, known: set[str], report: Mapp
         "purpose": purpose,
         "categories": categories,
         "period": {"start": fhir_date(start), "end": fhir_date(end) if end else None},
-        "part2": _is_part2(resource),
+        "part2": is_part2_consent(resource),
         "signed": fhir_date(signed),
         "revoked_on": fhir_date(revoked) if revoked else None,
     }
@@ -259,7 +259,9 @@ def _categories(provision: JSON, location: str, report: MappingReport) -> list[s
     return categories
 
 
-def _is_part2(resource: JSON) -> bool:
+def is_part2_consent(resource: JSON) -> bool:
+    """Whether a FHIR Consent is a 42 CFR Part 2 consent (by its policy URI or policy rule); the
+    reverse mapper and the privacy decision read it the same way."""
     uris = [nonblank(as_dict(p).get("uri")) or "" for p in as_list(resource.get("policy"))]
     if any("ecfr.gov" in u and "title-42" in u and "part-2" in u for u in uris):
         return True

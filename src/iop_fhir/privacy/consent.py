@@ -43,7 +43,7 @@ from iop_fhir import terminology
 from iop_fhir.errors import Issue, IssueList, RecordInvalid
 from iop_fhir.mappers.consent import CATEGORY_DISPLAY, CONSENT_PROVISION_RESTRICTIONS, DATA_CATEGORY, REVOKED_ON
 # the reverse mapper's test of a Part 2 consent (policy URI or policyRule), so both read one alike
-from iop_fhir.mappers.consent import _is_part2 as _under_part2
+from iop_fhir.mappers.consent import is_part2_consent
 from iop_fhir.mappers.context import ResourceIndex, reference_text
 from iop_fhir.mappers.datatypes import as_dict, as_list, code_in, codings_of, identifiers_in, own_extensions
 from iop_fhir.privacy.labels import (
@@ -240,7 +240,7 @@ def read_terms(consent: JSON) -> ConsentTerms:
         purposes=purposes,
         categories=categories,
         period=(start, end),
-        part2=_under_part2(consent),
+        part2=is_part2_consent(consent),
         status=str(status),
         revoked_at=revoked_at,
         deny=deny,

@@ -29,14 +29,13 @@ from iop_fhir.config import ConfigError
 from iop_fhir.errors import TransientDeliveryError
 from iop_fhir.privacy import NOTICE
 from iop_fhir.privacy.audit import EXIT_EXTENSION
-from iop_fhir.privacy.gate import PrivacyGate
+from iop_fhir.privacy.gate import NOTICE_EXTENSION, PrivacyGate
 from iop_fhir.privacy.labels import ORIGIN, label
 from iop_fhir.privacy.recipients import recipient_for_destination
 from iop_fhir.record import validate_record
 from iop_fhir.server import create_app
 from iop_fhir.store import Delivery, DeliveryState, Store
 from iop_fhir.sync.destinations import Destination, Router, load_destinations
-from iop_fhir.privacy.gate import NOTICE_EXTENSION
 from iop_fhir.sync.release import literal_references, without_references
 from iop_fhir.sync.worker import FhirChannel, Worker
 from iop_fhir.terminology import NCPDP_PROVIDER, V3_ACT_CODE, security_label
