@@ -15,6 +15,7 @@ Everything else in the store is one code path; the differences live here:
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -32,6 +33,11 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
+
+try:
+    import fcntl
+except ImportError:  # Windows: writers of other processes wait in SQLite's busy handler
+    fcntl = None  # type: ignore[assignment]
 
 # How a transaction starts on SQLite: "IMMEDIATE" for writes, else "DEFERRED".
 BEGIN_OPTION = "iop_fhir_begin"
@@ -108,21 +114,65 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(BEGIN_OPTION, 'DEFERRED')}")
 
 
-_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
+class _WriterQueue:
+    """SQLite: one writer at a time, queued on locks that hand over at once.
+
+    Writers would otherwise wait for the database lock in SQLite's busy handler, which polls
+    with sleeps of up to 100 ms: under concurrent writes most of a write's latency (and the
+    p99 of creates) was that sleep. Threads of a process queue on a lock; processes (server
+    workers, the delivery worker, the CLI) on an exclusive ``flock`` of ``<database>.lock``,
+    which the kernel hands to the next waiter the moment it is released, and releases by
+    itself when a process dies. Where ``flock`` does not exist, other processes fall back to
+    the busy handler. Re-entrant within a thread.
+    """
+
+    def __init__(self, database: str) -> None:
+        self.path = f"{database}.lock"
+        self._fd: int | None = None
+        self._pid = 0
+        self._reset()
+        _QUEUES.add(self)
+
+    def _reset(self) -> None:
+        # a child forked while a thread of its parent wrote holds nothing: fresh lock, depth 0
+        self._thread = threading.RLock()
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        self._thread.acquire()
+        try:
+            if self._depth == 0 and fcntl is not None:
+                if self._pid != os.getpid():  # a forked child opens its own: flock is per open file
+                    self._fd, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+        except BaseException:
+            self._thread.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._depth -= 1
+            if self._depth == 0 and fcntl is not None and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread.release()
+
+
+_QUEUES: weakref.WeakSet[_WriterQueue] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [queue._reset() for queue in list(_QUEUES)])
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, _WriterQueue] = weakref.WeakKeyDictionary()
+_CREATING = threading.Lock()
 
 
 def _write_lock(engine: Engine) -> AbstractContextManager[Any]:
-    """SQLite: one writer at a time per process, queued on a lock.
-
-    Threads of one process would otherwise wait for the database lock in SQLite's busy
-    handler, which polls with sleeps of up to 100 ms; a lock hands over at once. Other
-    processes still wait in the busy handler. PostgreSQL needs nothing of the kind.
-    """
+    """The queue of writers of a SQLite database (:class:`_WriterQueue`); PostgreSQL needs none."""
     if engine.dialect.name != "sqlite":
         return nullcontext()
     lock = _WRITE_LOCKS.get(engine)
     if lock is None:
-        lock = _WRITE_LOCKS.setdefault(engine, threading.RLock())
+        with _CREATING:
+            lock = _WRITE_LOCKS.get(engine) or _WRITE_LOCKS.setdefault(engine, _WriterQueue(str(engine.url.database)))
     return lock
 
 
