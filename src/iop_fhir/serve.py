@@ -79,7 +79,9 @@ def run_gunicorn(app: Flask, options: Mapping[str, Any]) -> None:
 
     def worker_exit(_arbiter: Any, _worker: Any) -> None:
         # the audit trail's buffered events (privacy/audit.py) are written before the worker goes
-        app.extensions[GATE_KEY].audit.close()
+        gate = app.extensions.get(GATE_KEY)
+        if gate is not None:  # an app without the gateway's blueprints (bench/api.py's floor) has none
+            gate.audit.close()
 
     class GatewayServer(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
