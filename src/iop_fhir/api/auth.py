@@ -831,7 +831,7 @@ def compartment_patients(resource_type: str, resource: Mapping[str, Any]) -> fro
     if resource_type == "Patient":
         own = resource.get("id")
         return frozenset({own}) if isinstance(own, str) and own else frozenset()
-    return referenced_ids(resource_type, dict(resource), "patient", "Patient")
+    return referenced_ids(resource_type, resource if isinstance(resource, dict) else dict(resource), "patient", "Patient")
 
 
 @dataclass(frozen=True)

@@ -318,7 +318,7 @@ def note(*touched: Saved | str, listed: bool = True, patients: Iterable[str] = (
         if listed:
             noted.references.append(item.location if not item.deleted else item.reference)
         if not item.deleted and item.resource_type != "AuditEvent":
-            noted.patients.extend(f"Patient/{p}" for p in sorted(compartment_patients(item.resource_type, item.resource)))
+            noted.patients.extend(f"Patient/{p}" for p in sorted(compartment_patients(item.resource_type, item.view)))
 
 
 def note_interaction(subtype: str) -> None:

@@ -5,12 +5,20 @@
 destination):
 
 * with a unit of work, in the caller's transaction, so a write and its audit commit together
-  or not at all;
+  or not at all (queued for indexing like the buffered ones, below);
 * otherwise buffered, and written in one transaction by a background thread every
   ``flush_interval`` seconds or as soon as ``max_buffer`` events wait, so a read pays for an
   append to a list, not for a database write. The buffer is flushed at exit (``atexit``, and
-  by gunicorn's ``worker_exit`` hook, see ``serve.py``): what a process killed outright
+  by the server's worker-exit hook, see ``serve.py``): what a process killed outright
   (SIGKILL, power loss) held is lost, at most ``flush_interval`` seconds of reads.
+
+  Buffered events are written to the store's append queue (``Store.append(...,
+  index_later=True)``: one row each, final), and indexed for search when the process is idle
+  (a flush interval with no new event) or, under sustained load, as soon as more than
+  ``index_backlog`` events wait. Indexing an event costs several times what storing it does;
+  leaving it for idle time keeps it off the requests' path. Nothing is ever missing from an
+  answer: every read, search or history of AuditEvents indexes what is queued first (so the
+  first query after a long burst waits for that work).
 
 The codes, as R4 defines them (and IHE BALP uses them):
 
@@ -249,6 +257,7 @@ def audit_event(
 
 # --- storing them ----------------------------------------------------------------------------------
 
+INDEX_CHUNK = 200  # queued events indexed per idle tick: a short hold of the write lock (~20 ms)
 HARD_LIMIT_FACTOR = 4  # buffered events beyond max_buffer x this: the recording thread writes them itself
 KEEP_ON_FAILURE_FACTOR = 20  # events kept for a retry while the database fails, beyond which the oldest go
 
@@ -261,12 +270,13 @@ class AuditLog:
     parent's buffer), and holds the log only weakly, so a log nobody uses any more goes away.
     """
 
-    def __init__(self, store: Store, *, flush_interval: float = 0.1, max_buffer: int = 500) -> None:
-        if flush_interval <= 0 or max_buffer < 1:
-            raise ValueError("flush_interval must be positive and max_buffer at least 1")
+    def __init__(self, store: Store, *, flush_interval: float = 0.1, max_buffer: int = 500, index_backlog: int = 50_000) -> None:
+        if flush_interval <= 0 or max_buffer < 1 or index_backlog < 0:
+            raise ValueError("flush_interval must be positive, max_buffer at least 1 and index_backlog not negative")
         self.store = store
         self.flush_interval = flush_interval
         self.max_buffer = max_buffer
+        self.index_backlog = index_backlog
         self._pending: list[JSON] = []
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
@@ -288,7 +298,7 @@ class AuditLog:
     def record(self, event: JSON, *, uow: UnitOfWork | None = None) -> None:
         """Store ``event``: with ``uow`` now, in the caller's transaction; else buffered."""
         if uow is not None:
-            uow.create(event, deliver_to=())
+            uow.append([event], index_later=True)
             return
         with self._lock:
             self._pending.append(event)
@@ -300,16 +310,17 @@ class AuditLog:
         if waiting >= self.max_buffer:
             self._wake.set()
 
-    def flush(self) -> None:
-        """Write every buffered event in one transaction. A database failure keeps them for the
-        next attempt (the oldest beyond a limit are dropped, counted in ``lost`` and logged)."""
+    def flush(self) -> int:
+        """Write every buffered event in one transaction; returns how many. A database failure
+        keeps them for the next attempt (the oldest beyond a limit are dropped, counted in
+        ``lost`` and logged)."""
         with self._flushing:
             with self._lock:
                 events, self._pending = self._pending, []
             if not events:
-                return
+                return 0
             try:
-                self.store.append(events)
+                return self.store.append(events, index_later=True)
             except Exception:
                 log.exception("cannot write %d audit events; keeping them for the next attempt", len(events))
                 with self._lock:
@@ -319,6 +330,14 @@ class AuditLog:
                         del self._pending[:excess]
                         self.lost += excess
                         log.error("dropped the %d oldest audit events: the database has refused them too long", excess)
+                return 0
+
+    def index(self, *, idle: bool) -> int:
+        """Index queued events: a chunk when ``idle``, else only when more than
+        ``index_backlog`` wait (then down to that bound). Returns how many were indexed."""
+        backlog = self.store.appended_backlog()
+        wanted = min(backlog, INDEX_CHUNK) if idle else backlog - self.index_backlog
+        return self.store.index_appended(wanted, wait=False) if wanted > 0 else 0
 
     def close(self) -> None:
         """Stop the background thread and write what is buffered."""
@@ -357,7 +376,8 @@ class AuditLog:
 
 
 def _run(ref: weakref.ref[AuditLog], stop: threading.Event, wake: threading.Event, interval: float) -> None:
-    """The flusher: every ``interval`` seconds, or when woken, write what is buffered."""
+    """The flusher: every ``interval`` seconds, or when woken, write what is buffered, then
+    index queued events (a chunk when there was nothing to write: the process is idle)."""
     while not stop.is_set():
         wake.wait(interval)
         wake.clear()
@@ -365,7 +385,9 @@ def _run(ref: weakref.ref[AuditLog], stop: threading.Event, wake: threading.Even
         if audit is None:
             return
         try:
-            audit.flush()
+            flushed = audit.flush()
+            if not stop.is_set():
+                audit.index(idle=flushed == 0)
         except Exception:  # flush logs database failures itself; anything else must not kill the thread
             log.exception("the audit flusher failed")
         del audit

@@ -7,7 +7,7 @@
 
 from iop_fhir.store.outbox import Delivery, DeliveryState, DestinationStats, Outbox
 from iop_fhir.store.paging import Page
-from iop_fhir.store.resources import Saved, Store, UnitOfWork, instant, utc_now
+from iop_fhir.store.resources import Saved, Store, UnitOfWork, instant, new_id, utc_now
 from iop_fhir.store.search_index import InvalidSearch, SearchParam, search_parameters
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Store",
     "UnitOfWork",
     "instant",
+    "new_id",
     "search_parameters",
     "utc_now",
 ]

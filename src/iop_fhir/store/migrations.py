@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, Engine, Table, func, insert, inspect, select
 
 from iop_fhir.store import db
-from iop_fhir.store.tables import message, metadata, schema_version, sync_cursor
+from iop_fhir.store.tables import append_queue, message, metadata, schema_version, sync_cursor
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ def _create(*tables: Table) -> Callable[[Connection], None]:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline: resources, versions, identifiers, search index, outbox"),
     Migration(2, "sync cursors and the wire-message store", _create(sync_cursor, message)),
+    Migration(3, "the append queue: write-once resources stored now, indexed later", _create(append_queue)),
 )
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, bindparam, or_
+from sqlalchemy import ColumnElement, Connection, Engine, Select, Subquery, and_, bindparam, or_
 
 from iop_fhir.errors import Issue
 from iop_fhir.store.db import PreparedCache
@@ -97,7 +97,12 @@ def _beyond(keys: Sequence[SortKey], values: Sequence[Any], forward: bool) -> Co
     return or_(*alternatives)
 
 
-def _statement(build: Callable[[], tuple[Select[Any], Sequence[SortKey]]], mode: str) -> Select[Any]:
+# Joins what a page shows to the page's rows (a subquery of the build's columns and keys),
+# returning a select of the columns ``make`` reads; see fetch_page.
+Attach = Callable[[Subquery], Select[Any]]
+
+
+def _statement(build: Callable[[], tuple[Select[Any], Sequence[SortKey]]], mode: str, attach: Attach | None) -> Select[Any]:
     """The page query: ``build``'s query after/before a bound position, ordered, limited."""
     query, keys = build()
     if mode != "first":
@@ -105,7 +110,16 @@ def _statement(build: Callable[[], tuple[Select[Any], Sequence[SortKey]]], mode:
     forward = mode != "before"
     query = query.add_columns(*(k.expression.label(f"_k{i}") for i, k in enumerate(keys)))
     query = query.order_by(*(k.expression.asc() if k.descending != forward else k.expression.desc() for k in keys))
-    return query.limit(bindparam("page_limit"))
+    query = query.limit(bindparam("page_limit"))
+    if attach is None:
+        return query
+    page = query.subquery("page")
+    ordered = [page.c[f"_k{i}"] for i in range(len(keys))]
+    return (
+        attach(page)
+        .add_columns(*ordered)
+        .order_by(*(o.asc() if k.descending != forward else o.desc() for o, k in zip(ordered, keys, strict=True)))
+    )
 
 
 def fetch_page(
@@ -120,12 +134,15 @@ def fetch_page(
     count: int,
     cursor: str | None,
     make: Callable[[tuple[Any, ...]], T],
+    attach: Attach | None = None,
 ) -> Page[T]:
     """``count`` rows from ``cursor`` on, of the query ``build`` returns with its sort keys.
 
     ``shape`` identifies the query up to ``values`` (the statement is compiled once per
     shape); ``ordering`` names the ordering in the cursors and ``width`` is its number of
     keys. ``make`` turns a raw row (the query's columns, then the keys) into an entry.
+    ``attach`` adds what only the page's rows need (the stored JSON) after the ordering and
+    limit, so the database sorts narrow rows, not every match's document.
     """
     if count <= 0:
         return Page([])
@@ -133,7 +150,7 @@ def fetch_page(
     if cursor:
         position, forward = decode_cursor(cursor, ordering, width)
     mode = "first" if position is None else ("after" if forward else "before")
-    prepared = cache.get((shape, mode), lambda: _statement(build, mode))
+    prepared = cache.get((shape, mode), lambda: _statement(build, mode, attach))
     params = {**values, "page_limit": count + 1, **{f"page_k{i}": v for i, v in enumerate(position or ())}}
     rows = prepared.all(target, params)
     more = len(rows) > count

@@ -29,7 +29,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import hashlib
+import json
+import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -53,6 +56,7 @@ from iop_fhir.store.paging import Page, SortKey, fetch_page
 from iop_fhir.store.search_index import InvalidSearch
 from iop_fhir.store.tables import (
     SEARCH_TABLES,
+    append_queue,
     from_micros,
     identifier,
     metadata,
@@ -77,8 +81,23 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # The audit trail (an AuditEvent per access) is not the record's history: whole-system history
 # leaves it out, or every poll of it would bring back the events of the polls before.
 OUTSIDE_SYSTEM_HISTORY = frozenset({"AuditEvent"})
+# The types Store.append may queue for indexing later: every read of them catches up first.
+APPEND_ONLY_TYPES = frozenset({"AuditEvent"})
+INDEX_CHUNK = 1000  # queued resources indexed per transaction
 ATTEMPTS = 3  # a write that loses a race on a unique key is retried this often
 DEFAULT_COUNT = 20
+
+
+def new_id() -> str:
+    """A server-assigned id: a UUID version 7 (RFC 9562), which begins with the creation time
+    in milliseconds. Ids made one after another sort together, so each new resource's rows go
+    at the end of the indexes keyed by id instead of at a random page of each: far fewer pages
+    written per insert (the audit trail appends an event per request). The time it shows is
+    no secret: ``meta.lastUpdated`` of the first version says the same."""
+    millis = time.time_ns() // 1_000_000
+    random = int.from_bytes(os.urandom(10), "big")
+    rand_a, rand_b = random >> 68, random & ((1 << 62) - 1)
+    return str(uuid.UUID(int=(millis << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b))
 
 
 def utc_now() -> datetime:
@@ -114,8 +133,23 @@ class Saved:
         if self._resource is None:
             if self.data is None:
                 raise Gone(f"{self.reference} version {self.version} is a deletion")
-            self._resource = fhir_json.loads(self.data, exact_decimals=True)
+            self._resource = _stored(self.data)
         return self._resource
+
+    @property
+    def view(self) -> JSON:
+        """The resource parsed for looking at (references, codes, labels), not for serving:
+        fractional numbers come as floats (``resource`` keeps them exact). Several times
+        cheaper to parse, for the per-response bookkeeping (whose patients a page holds).
+
+        :raises Gone: this is a deleted version.
+        """
+        if self._resource is not None:
+            return self._resource
+        if self.data is None:
+            raise Gone(f"{self.reference} version {self.version} is a deletion")
+        found: JSON = orjson.loads(self.data)
+        return found
 
     @property
     def reference(self) -> str:
@@ -129,6 +163,13 @@ class Saved:
     @property
     def etag(self) -> str:
         return f'W/"{self.version}"'
+
+
+def _stored(data: bytes) -> JSON:
+    """Parse the store's own JSON bytes. They passed every FHIR JSON check when written, so
+    only the parse is left (decimals exact: ``1.50`` stays ``1.50`` when served again)."""
+    resource: JSON = json.loads(data, parse_float=Decimal)
+    return resource
 
 
 def instant(moment: datetime) -> str:
@@ -148,6 +189,17 @@ _VREAD = db.Prepared(
     _VERSION.where(rv.c.resource_type == bindparam("rt"), rv.c.id == bindparam("id"), rv.c.version_id == bindparam("v"))
 )
 _EXISTS = db.Prepared(select(rc.c.version_id).where(rc.c.resource_type == bindparam("rt"), rc.c.id == bindparam("id")))
+
+
+# A search pages over the current-version rows alone and joins the documents of the page's
+# rows only: sorting every match's JSON to keep twenty of them costs more than the search.
+_PAGE_ROWS = select(rc.c.id, rc.c.version_id, rc.c.deleted, rc.c.last_updated, rc.c.resource_type)
+
+
+def _with_data(page: Any) -> Any:
+    return select(page.c.id, page.c.version_id, page.c.deleted, page.c.last_updated, rv.c.data).join(
+        rv, and_(rv.c.resource_type == page.c.resource_type, rv.c.id == page.c.id, rv.c.version_id == page.c.version_id)
+    )
 
 
 def _raw_saved(resource_type: str, row: tuple[Any, ...]) -> Saved:
@@ -275,7 +327,7 @@ def _search(
             SortKey(search_index.sort_expression(resource_type, n.lstrip("-"), n.startswith("-")), n.startswith("-"))
             for n in names
         ]
-        return _CURRENT.where(*where.clauses()), keys
+        return _PAGE_ROWS.where(*where.clauses()), keys
 
     page = fetch_page(
         target,
@@ -288,6 +340,7 @@ def _search(
         count=count,
         cursor=cursor,
         make=lambda row: _raw_saved(resource_type, row[:5]),
+        attach=_with_data,
     )
     if total:
         page.total = where.count(target)
@@ -426,6 +479,9 @@ _RELEASE_ALL = db.Prepared(
     delete(identifier).where(ident.resource_type == bindparam("rt"), ident.resource_id == bindparam("id"))
 )
 _INSERT_IDENTIFIER = db.insert_all(identifier)
+_QUEUE = db.insert_all(append_queue, skip=("seq",))
+_QUEUED = db.Prepared(select(append_queue.c.seq).where(append_queue.c.resource_type == bindparam("rt")).limit(1))
+_BACKLOG = db.Prepared(select(func.min(append_queue.c.seq), func.max(append_queue.c.seq)))
 # Pull cursors (sync_cursor): one row per (destination key, resource type).
 _CURSOR_KEY = (sync_cursor.c.destination == bindparam("d"), sync_cursor.c.resource_type == bindparam("rt"))
 _CURSOR = db.Prepared(select(sync_cursor.c.last_updated).where(*_CURSOR_KEY))
@@ -433,6 +489,16 @@ _INSERT_CURSOR = db.insert_all(sync_cursor)
 _UPDATE_CURSOR = db.Prepared(
     update(sync_cursor).where(*_CURSOR_KEY).values(last_updated=bindparam("lu"), pulled_at=bindparam("at"))
 )
+
+
+class _Appended(NamedTuple):
+    """A write-once resource on its way into the tables (Store.append)."""
+
+    resource_type: str
+    id: str
+    last_updated: int  # microseconds
+    data: bytes
+    body: JSON
 
 
 class _Current(NamedTuple):
@@ -467,7 +533,7 @@ class _Writer:
             if found is not None:
                 return _read(self.conn, resource_type, found)
         if id is None:
-            id = str(uuid.uuid4())
+            id = new_id()
         else:
             _check_id(resource_type, {}, id)
             db.lock(self.conn, f"{resource_type}/{id}")
@@ -496,7 +562,7 @@ class _Writer:
         if found is not None and given is not None and given != found:
             message = f"the resource's id {given!r} is not the matching {resource_type}/{found}"
             raise RecordInvalid(message, [Issue(message, location=f"{resource_type}.id", code="value")])
-        return self.update(resource_type, found or given or str(uuid.uuid4()), resource, if_match, deliver_to)
+        return self.update(resource_type, found or given or new_id(), resource, if_match, deliver_to)
 
     def delete(self, resource_type: str, id: str, deliver_to: Any) -> Saved:
         db.lock(self.conn, f"{resource_type}/{id}")
@@ -568,32 +634,58 @@ class _Writer:
         self._enqueue(deliver_to, resource_type, id, version, body, rows, "upsert", now)
         return Saved(resource_type, id, version, now, False, data, created=not live, changed=True, _resource=body)
 
-    def append(self, resources: Sequence[JSON]) -> int:
+    def append(self, resources: Sequence[JSON], index_later: bool) -> int:
         """Insert new, write-once resources in bulk (see :meth:`_Operations.append`)."""
         now = self.store.clock()
         at = to_micros(now)
-        versions, currents = [], []
-        index: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _INSERT_INDEX}
+        rows = []
         for resource in resources:
             resource_type = _check_resource(resource)
-            id = str(uuid.uuid4())
+            if index_later and resource_type not in APPEND_ONLY_TYPES:
+                raise ValueError(f"only {', '.join(sorted(APPEND_ONLY_TYPES))} can be indexed later, not {resource_type}")
+            id = new_id()
             body: JSON = {"resourceType": resource_type, "id": id, "meta": {**(resource.get("meta") or {}), "versionId": "1", "lastUpdated": instant(now)}}
             body.update((k, v) for k, v in resource.items() if k not in body)
-            data = fhir_json.dumps(body)
+            rows.append(_Appended(resource_type, id, at, fhir_json.dumps(body), body))
+        if index_later:
+            _QUEUE.executemany(self.conn, [{"resource_type": r.resource_type, "id": r.id, "last_updated": r.last_updated, "data": r.data} for r in rows])
+        else:
+            self._insert_appended(rows)
+        return len(rows)
+
+    def index_queued(self, resource_type: str | None, limit: int, wait: bool) -> int:
+        """Index up to ``limit`` queued resources, oldest first, and take them off the queue.
+        ``wait=False`` skips rows another transaction is indexing (PostgreSQL)."""
+        q = append_queue.c
+        query = select(q.seq, q.resource_type, q.id, q.last_updated, q.data).order_by(q.seq).limit(limit)
+        if resource_type is not None:
+            query = query.where(q.resource_type == resource_type)
+        found = self.conn.execute(query.with_for_update(skip_locked=not wait)).all()
+        if not found:
+            return 0
+        self._insert_appended([_Appended(t, id, to_micros(at), bytes(data), _stored(data)) for _, t, id, at, data in found])
+        self.conn.execute(delete(append_queue).where(q.seq.in_([row[0] for row in found])))
+        return len(found)
+
+    def _insert_appended(self, rows: Sequence[_Appended]) -> None:
+        """Versions, current pointers and search-index rows of new version-1 resources, in bulk."""
+        if not rows:
+            return
+        versions, currents = [], []
+        index: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _INSERT_INDEX}
+        for resource_type, id, at, data, body in rows:
             versions.append(
                 {"resource_type": resource_type, "id": id, "version_id": 1, "last_updated": at, "deleted": False,
                  "content_hash": _content_hash(body), "data": data}
             )  # fmt: skip
             currents.append({"resource_type": resource_type, "id": id, "version_id": 1, "deleted": False, "last_updated": at})
-            for kind, rows in search_index.index_rows(resource_type, id, body).items():
-                index[kind].extend(rows)
-        if versions:
-            _INSERT_VERSION.executemany(self.conn, versions)
-            _INSERT_CURRENT.executemany(self.conn, currents)
-            for kind, statement in _INSERT_INDEX.items():
-                if index[kind]:
-                    statement.executemany(self.conn, index[kind])
-        return len(versions)
+            for kind, found in search_index.index_rows(resource_type, id, body).items():
+                index[kind].extend(found)
+        _INSERT_VERSION.executemany(self.conn, versions)
+        _INSERT_CURRENT.executemany(self.conn, currents)
+        for kind, statement in _INSERT_INDEX.items():
+            if index[kind]:
+                statement.executemany(self.conn, index[kind])
 
     def _linked(self, reference: str) -> JSON | None:
         """The current version of what a literal reference names (the labeller's look-up), or None."""
@@ -713,6 +805,9 @@ class _Operations(ABC):
     def _target(self) -> Engine | Connection:
         """Where a prepared single-statement read runs."""
 
+    def _catch_up(self, resource_type: str) -> None:
+        """Before a read of ``resource_type``: index what is queued of it (``append(index_later=True)``)."""
+
     # writes
 
     def create(
@@ -736,12 +831,19 @@ class _Operations(ABC):
         """
         return self._writing(lambda w: w.create(resource, id, if_none_exist, deliver_to))
 
-    def append(self, resources: Sequence[JSON]) -> int:
+    def append(self, resources: Sequence[JSON], *, index_later: bool = False) -> int:
         """Store new resources that are written once and never changed (audit events), in bulk:
         fresh ids, version 1, searchable; no labelling, no business identifiers held, no
         deliveries. A few statements for the lot instead of several per resource, so an audit
-        trail of every read costs the reads little. Returns how many were stored."""
-        return self._writing(lambda w: w.append(resources))
+        trail of every read costs the reads little. Returns how many were stored.
+
+        :param index_later: store them durably now, final (id, ``meta``, bytes), as one row
+            each in the append queue, and leave the search-index work for
+            :meth:`Store.index_appended` (idle time); every read, search or history of their
+            type catches up first, so nothing queued is ever missing from an answer. Only
+            :data:`APPEND_ONLY_TYPES`.
+        """
+        return self._writing(lambda w: w.append(resources, index_later))
 
     def update(
         self,
@@ -802,14 +904,17 @@ class _Operations(ABC):
 
         :raises NotFound: no such resource.  :raises Gone: it was deleted.
         """
+        self._catch_up(resource_type)
         return _read(self._target(), resource_type, id)
 
     def vread(self, resource_type: str, id: str, version: int) -> Saved:
         """One version. :raises NotFound: no such version. :raises Gone: it is a deletion."""
+        self._catch_up(resource_type)
         return _vread(self._target(), resource_type, id, version)
 
     def read_many(self, resource_type: str, ids: Iterable[str]) -> list[Saved]:
         """The current versions of the live resources among ``ids`` (for ``_include``), in order."""
+        self._catch_up(resource_type)
         return _read_many(self._target(), resource_type, ids)
 
     def history(
@@ -830,6 +935,8 @@ class _Operations(ABC):
         :param since: only versions stored at or after this instant (``_since``).
         :raises NotFound: instance history of a resource that never existed.
         """
+        if resource_type is not None:
+            self._catch_up(resource_type)
         return _history(self._target(), resource_type, id, since, count, cursor, total)
 
     def search(
@@ -853,10 +960,12 @@ class _Operations(ABC):
         :param total: also count all matches (``Bundle.total``).
         :raises InvalidSearch: unknown parameter or modifier, malformed value or cursor.
         """
+        self._catch_up(resource_type)
         return _search(self._target(), resource_type, params, count, sort, cursor, total)
 
     def count(self, resource_type: str, params: SearchParams = ()) -> int:
         """How many live resources match (``_summary=count``)."""
+        self._catch_up(resource_type)
         return _Filter(resource_type, params).count(self._target())
 
     # pull cursors
@@ -888,6 +997,11 @@ class UnitOfWork(_Operations):
     def _check_open(self) -> None:
         if not self._open:
             raise RuntimeError("this unit of work has ended")
+
+    def _catch_up(self, resource_type: str) -> None:
+        if resource_type in APPEND_ONLY_TYPES:
+            while self._writing(lambda w: w.index_queued(resource_type, INDEX_CHUNK, wait=True)):
+                pass
 
     def _target(self) -> Connection:
         self._check_open()
@@ -1017,6 +1131,31 @@ class Store(_Operations):
                 if attempt == ATTEMPTS - 1 or not db.is_retryable(exc):
                     raise
         raise AssertionError("unreachable")
+
+    # the append queue (append(index_later=True))
+
+    def index_appended(self, limit: int | None = None, *, resource_type: str | None = None, wait: bool = True) -> int:
+        """Index queued resources, oldest first, in transactions of :data:`INDEX_CHUNK`; returns
+        how many. ``wait=False`` (background indexers) skips what another process is indexing
+        at the moment instead of waiting for it (PostgreSQL; SQLite has one writer anyway)."""
+        done = 0
+        while limit is None or done < limit:
+            chunk = INDEX_CHUNK if limit is None else min(INDEX_CHUNK, limit - done)
+            with db.writing(self.engine) as conn:
+                indexed = _Writer(self, conn).index_queued(resource_type, chunk, wait)
+            done += indexed
+            if indexed < chunk:
+                break
+        return done
+
+    def appended_backlog(self) -> int:
+        """About how many resources wait in the append queue (exact unless rows were skipped)."""
+        row = _BACKLOG.first(self.engine, {})
+        return 0 if row is None or row[0] is None else int(row[1]) - int(row[0]) + 1
+
+    def _catch_up(self, resource_type: str) -> None:
+        if resource_type in APPEND_ONLY_TYPES and _QUEUED.first(self.engine, {"rt": resource_type}) is not None:
+            self.index_appended(resource_type=resource_type)
 
     def _target(self) -> Engine:
         return self.engine

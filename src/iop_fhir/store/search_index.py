@@ -74,14 +74,12 @@ class SearchParam:
     paths: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
     steps: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
+    # the ``search_*`` table this parameter's rows live in (asked for every value indexed)
+    table: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(tuple(p.split(".")) for p in self.paths))
-
-    @property
-    def table(self) -> str:
-        """The ``search_*`` table this parameter's rows live in."""
-        return {"uri": "token", "number": "quantity"}.get(self.type, self.type)
+        object.__setattr__(self, "table", {"uri": "token", "number": "quantity"}.get(self.type, self.type))
 
 
 def _p(name: str, type_: str, paths: str = "", targets: str = "") -> SearchParam:

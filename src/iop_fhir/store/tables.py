@@ -245,3 +245,20 @@ message = Table(
     Index("ix_message_prescription", "prescription", "id"),
     sqlite_autoincrement=True,
 )
+
+# --- added by migration 3 ------------------------------------------------------------------------
+
+append_queue = Table(
+    "append_queue",
+    metadata,
+    # Write-once resources (the audit trail) stored now and indexed later: each row is final
+    # (id, lastUpdated, the JSON as it will be served); Store.index_appended moves rows into
+    # resource_version / resource_current / search_* and deletes them, oldest first.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("resource_type", TYPE, nullable=False),
+    Column("id", ID, nullable=False),
+    Column("last_updated", Instant, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Index("ix_append_queue_type", "resource_type", "seq"),
+    sqlite_autoincrement=True,
+)

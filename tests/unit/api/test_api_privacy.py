@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from iop_fhir import terminology
 from iop_fhir.api.disclosure import GATE_KEY, NOTICE_HEADER, WITHHELD_HEADER
+from iop_fhir.config import ConfigError
 from iop_fhir.generate import generate_cohort
 from iop_fhir.privacy import NOTICE
 from iop_fhir.privacy.audit import AUDIT_CODES, LIFECYCLE, RESTFUL_INTERACTION, accounting
@@ -530,3 +531,9 @@ def test_no_part2_resource_reaches_a_client_without_a_matching_consent(scenario:
         finally:
             app.extensions[GATE_KEY].audit.close()
             app.extensions["iop_fhir.store"].close()
+
+
+@pytest.mark.parametrize("value", [-1, True, "many", 2.5])
+def test_a_bad_audit_backlog_setting_stops_the_gateway_at_start(make_app, value) -> None:
+    with pytest.raises(ConfigError, match="AUDIT_INDEX_BACKLOG must be an integer of at least 0"):
+        make_app(AUDIT_INDEX_BACKLOG=value)

@@ -172,6 +172,27 @@ def test_buffered_events_are_written_by_the_background_flush(store):
     log.close()
 
 
+def test_stored_events_are_indexed_for_search_once_the_process_is_idle(store):
+    log = AuditLog(store, flush_interval=0.05)
+    for n in range(3):
+        log.record(event(entities=[f"Observation/o{n}"]))
+    # nobody asks for them (a search would index them itself): the idle flusher does
+    assert wait_for(lambda: log.pending == 0 and store.appended_backlog() == 0)
+    log.close()
+    assert len(audit_events(store)) == 3
+
+
+def test_under_load_indexing_waits_until_the_backlog_passes_its_bound(store):
+    log = AuditLog(store, flush_interval=30, index_backlog=3)
+    for n in range(5):
+        log.record(event(entities=[f"Observation/o{n}"]))
+    assert log.flush() == 5 and store.appended_backlog() == 5
+    assert log.index(idle=False) == 2 and store.appended_backlog() == 3  # down to the bound, no further
+    assert log.index(idle=False) == 0
+    assert log.index(idle=True) == 3 and store.appended_backlog() == 0
+    log.close()
+
+
 def test_a_full_buffer_is_flushed_without_waiting_for_the_interval(store):
     log = AuditLog(store, flush_interval=30, max_buffer=5)
     for n in range(5):
@@ -206,7 +227,7 @@ def test_a_failing_database_keeps_the_events_for_the_next_flush(store, monkeypat
     log = AuditLog(store, flush_interval=30)
     log.record(event())
 
-    def unavailable(events: object) -> None:
+    def unavailable(events: object, **options: object) -> None:
         raise OSError("the database is away")
 
     with monkeypatch.context() as patched:

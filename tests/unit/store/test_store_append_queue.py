@@ -1,0 +1,169 @@
+"""The append queue: write-once resources (the audit trail) stored now, indexed later, and
+never missing from an answer; server-assigned ids that sort by time; the SQLite writer queue."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from iop_fhir.store import Store, db, new_id
+from iop_fhir.store.tables import append_queue, search_reference
+
+
+def event(n: int, patient: str = "Patient/p1") -> dict:
+    return {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"},
+        "recorded": f"2026-01-15T09:00:{n:02d}Z",
+        "agent": [{"requestor": True, "altId": f"client-{n}"}],
+        "source": {"observer": {"display": "gw"}},
+        "entity": [{"what": {"reference": patient}}, {"what": {"reference": f"Observation/o{n}/_history/1"}}],
+    }
+
+
+def queued(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(append_queue)))
+
+
+def indexed_rows(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(search_reference).where(search_reference.c.resource_type == "AuditEvent")))
+
+
+def test_queued_resources_wait_unindexed_until_a_read_of_their_type_catches_up(store: Store) -> None:
+    assert store.append([event(n) for n in range(3)], index_later=True) == 3
+    assert queued(store) == 3 and store.appended_backlog() == 3
+    assert indexed_rows(store) == 0  # no search-index work on the way in
+    found = store.search("AuditEvent", [("entity", "Patient/p1")], count=10).entries
+    assert sorted(s.resource["agent"][0]["altId"] for s in found) == ["client-0", "client-1", "client-2"]
+    assert queued(store) == 0 and store.appended_backlog() == 0 and indexed_rows(store) == 9  # entity x2, patient
+
+
+@pytest.mark.parametrize(
+    "ask",
+    [
+        lambda store, id: store.read("AuditEvent", id).id,
+        lambda store, id: store.vread("AuditEvent", id, 1).id,
+        lambda store, id: [s.id for s in store.read_many("AuditEvent", [id])][0],
+        lambda store, id: store.history("AuditEvent", id).entries[0].id,
+        lambda store, id: store.history("AuditEvent").entries[0].id,
+        lambda store, id: [s.id for s in store.search("AuditEvent", [("_id", id)]).entries][0],
+        lambda store, id: store.count("AuditEvent", [("_id", id)]) and id,
+    ],
+    ids=["read", "vread", "read_many", "history-instance", "history-type", "search", "count"],
+)
+def test_every_kind_of_read_sees_what_is_queued(store: Store, ask) -> None:
+    store.append([event(1)], index_later=True)
+    with store.engine.connect() as conn:
+        (id,) = conn.execute(select(append_queue.c.id)).scalars().all()
+    assert ask(store, id) == id
+    assert queued(store) == 0
+
+
+def test_a_queued_resource_is_final_the_same_id_meta_and_bytes_once_indexed(store: Store, clock) -> None:
+    store.append([event(1)], index_later=True)
+    with store.engine.connect() as conn:
+        (row,) = conn.execute(select(append_queue.c.id, append_queue.c.data)).all()
+    saved = store.read("AuditEvent", row.id)
+    assert saved.data == bytes(row.data)
+    assert saved.resource["meta"] == {"versionId": "1", "lastUpdated": saved.resource["meta"]["lastUpdated"]}
+    assert saved.last_updated == clock.now
+
+
+def test_index_appended_works_oldest_first_in_bounded_steps(store: Store) -> None:
+    store.append([event(n) for n in range(5)], index_later=True)
+    assert store.index_appended(2) == 2
+    assert queued(store) == 3
+    with store.engine.connect() as conn:
+        left = conn.execute(select(append_queue.c.data).order_by(append_queue.c.seq)).scalars().all()
+    assert [b'"client-2"' in bytes(d) for d in left] == [True, False, False]  # the two oldest went first
+    assert store.index_appended() == 3 and store.index_appended() == 0
+
+
+def test_only_the_append_only_types_may_wait(store: Store) -> None:
+    with pytest.raises(ValueError, match="only AuditEvent can be indexed later"):
+        store.append([{"resourceType": "Observation", "status": "final"}], index_later=True)
+    assert queued(store) == 0
+
+
+def test_in_a_unit_of_work_the_queued_row_commits_or_rolls_back_with_the_unit(store: Store, make_patient) -> None:
+    with pytest.raises(RuntimeError):
+        with store.unit() as uow:
+            uow.create(make_patient())
+            uow.append([event(1)], index_later=True)
+            raise RuntimeError("the write failed")
+    assert queued(store) == 0 and store.count("Patient") == 0
+    with store.unit() as uow:
+        uow.append([event(2)], index_later=True)
+        assert uow.count("AuditEvent") == 1  # the unit sees its own queued event
+    assert store.count("AuditEvent") == 1 and queued(store) == 0
+
+
+def test_server_assigned_ids_are_uuid7_and_sort_by_creation_time(store: Store, make_patient) -> None:
+    first = new_id()
+    time.sleep(0.002)
+    second = new_id()
+    parsed = uuid.UUID(first)
+    assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert first < second  # the millisecond prefix orders them
+    assert abs(int(first.replace("-", "")[:12], 16) / 1000 - time.time()) < 60
+    assert uuid.UUID(store.create(make_patient()).id).version == 7
+    assert len({new_id() for _ in range(10_000)}) == 10_000
+
+
+# --- the SQLite writer queue ------------------------------------------------------------------
+
+
+def _hold_write_lock(url: str, ready, release) -> None:
+    store = Store.open(url)
+    with db.writing(store.engine):
+        ready.set()
+        release.wait(10)
+    store.close()
+
+
+def _enter_writer_queue(store: Store, entered) -> None:
+    with db._write_lock(store.engine):
+        entered.set()
+
+
+def test_a_writer_of_another_process_waits_for_the_lock_and_is_not_refused(tmp_path, make_patient) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    store = Store.open(url)
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_write_lock, args=(url, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        threading.Timer(0.3, release.set).start()
+        started = time.perf_counter()
+        saved = store.create(make_patient())  # queues on the lock file until the holder commits
+        assert saved.created and time.perf_counter() - started >= 0.25
+    finally:
+        release.set()
+        holder.join(10)
+    assert holder.exitcode == 0 and (tmp_path / "w.db.lock").exists()
+    store.close()
+
+
+def test_a_process_forked_while_the_lock_is_held_queues_behind_its_parent(tmp_path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'w.db'}")
+    context = multiprocessing.get_context("fork")
+    entered = context.Event()
+    with db.writing(store.engine):
+        # the child inherits the engine, the held thread lock and the open lock file: none may
+        # let it in while the parent writes (flock belongs to the open file, not the process)
+        child = context.Process(target=_enter_writer_queue, args=(store, entered))
+        child.start()
+        assert not entered.wait(0.5)
+    assert entered.wait(10)
+    child.join(10)
+    assert child.exitcode == 0
+    store.close()
