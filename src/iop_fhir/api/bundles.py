@@ -60,7 +60,7 @@ import binascii
 import http
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -479,11 +479,48 @@ def references(value: Any, path: str = "") -> Iterator[tuple[JSON, str]]:
                 yield from references(item, f"{path}[{i}]")
 
 
+def reference_elements(value: Any) -> list[JSON]:
+    """The References of :func:`references` in the same order, without their paths.
+
+    Why a second walker: a transaction walks every entry's resource twice (checking its
+    ``urn:`` references, rewriting them), and building a path for every node costs more than
+    the walk; a path is wanted only for an error (:func:`_path_of`).
+    """
+    found: list[JSON] = []
+    _collect_references(value, found)
+    return found
+
+
+def _collect_references(value: Any, found: list[JSON]) -> None:
+    if isinstance(value, dict):
+        if isinstance(value.get("reference"), str):
+            found.append(value)
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, list):
+        items = value
+    else:
+        return
+    for item in items:
+        if isinstance(item, (dict, list)):
+            _collect_references(item, found)
+
+
+def _path_of(resource: JSON, element: JSON, prefix: str) -> str:
+    """The path :func:`references` gives ``element`` (a Reference inside ``resource``)."""
+    return next(path for ref, path in references(resource, prefix) if ref is element)
+
+
+def _unknown_urn(text: str, full_urls: set[str]) -> bool:
+    return text.startswith(("urn:uuid:", "urn:oid:")) and text not in full_urls
+
+
 def _unknown_urns(resource: JSON, prefix: str, full_urls: set[str]) -> list[Issue]:
+    if not any(_unknown_urn(ref["reference"], full_urls) for ref in reference_elements(resource)):
+        return []  # the common case: no path is built
     return [
         Issue(f"{ref['reference']} names no entry this Bundle writes", path, code="not-found")
         for ref, path in references(resource, prefix)
-        if ref["reference"].startswith(("urn:uuid:", "urn:oid:")) and ref["reference"] not in full_urls
+        if _unknown_urn(ref["reference"], full_urls)
     ]
 
 
@@ -566,7 +603,8 @@ def rewrite_references(ops: Ops, e: Entry, targets: dict[str, str], resolved: di
     if e.resource is None:
         return
     cache = resolved if resolved is not None and e.confinement is None else {}
-    for ref, path in references(e.resource, e.where + ".resource"):
+    resource, prefix = e.resource, e.where + ".resource"
+    for ref in reference_elements(resource):
         text = ref["reference"]
         if text in targets:
             ref["reference"] = targets[text]
@@ -574,7 +612,7 @@ def rewrite_references(ops: Ops, e: Entry, targets: dict[str, str], resolved: di
             ref["reference"] = cache[text]
         elif text.startswith(("urn:uuid:", "urn:oid:")):
             message = f"{text} names an entry that writes no resource"
-            raise InvalidBundle(message, [Issue(message, path, code="not-found")])
+            raise InvalidBundle(message, [Issue(message, _path_of(resource, ref, prefix), code="not-found")])
         elif _CONDITIONAL_REFERENCE.fullmatch(text):
             rtype, _, query = text.partition("?")
             criteria = parse_qsl(query, keep_blank_values=True)
@@ -583,8 +621,10 @@ def rewrite_references(ops: Ops, e: Entry, targets: dict[str, str], resolved: di
                     criteria = e.confinement.criteria(rtype, criteria, every_type=True)
                 found = ops.search(rtype, criteria, count=2).entries
             except IopFhirError as exc:
+                path = _path_of(resource, ref, prefix)
                 raise EntryFailed(exc, e.index, [Issue(f"{text}: {i.message}", path, i.severity, i.code) for i in exc.issues]) from None
             if len(found) != 1:
+                path = _path_of(resource, ref, prefix)
                 message = f"the conditional reference {text} matches {len(found) or 'no'}{'+' if len(found) > 1 else ''} resources; it must match one"
                 error = PreconditionFailed if found else InvalidBundle
                 raise error(message, [Issue(message, path, code="multiple-matches" if found else "not-found")])

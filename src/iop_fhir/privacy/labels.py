@@ -336,15 +336,21 @@ def about_references(resource: JSON) -> list[str]:
 
 def _inherited(resource: JSON, resolve: Resolver | None) -> Labels:
     """Sensitivities and policies of what the resource is about (one level: the targets carry
-    what they inherited themselves, set when they were labelled)."""
+    what they inherited themselves, set when they were labelled): the codes the targets state
+    and their own codes reveal, not yet closed under the rules.
+
+    Why not closed here: every caller closes them together with the resource's own codes, and
+    closing is distributive (each rule has one premise), so closing once is the same labels
+    as closing per target and again (labelling runs on every write, against every target).
+    """
     sens: set[str] = set()
     pols: set[str] = set()
     for ref in about_references(resource):
         target = resolve_in(resource, ref, resolve)
         if isinstance(target, dict):
-            own = stated_labels(target) | _entailed(content_sensitivities(target), ())
-            sens |= own.sensitivities
-            pols |= own.policies
+            stated = _read(_security(target))
+            sens |= stated.sensitivities | content_sensitivities(target)
+            pols |= stated.policies
     return Labels(BASELINE, frozenset(sens), frozenset(pols))
 
 

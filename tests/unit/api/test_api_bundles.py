@@ -12,6 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from iop_fhir.api import STORE_KEY
+from iop_fhir.api.bundles import reference_elements, references
 from iop_fhir.formats import fhir_xml
 from iop_fhir.mappers.bundle import record_to_bundle
 from iop_fhir.store import Store
@@ -236,6 +237,42 @@ def test_conditional_reference_matching_nothing_fails(app, client):
     r = post(client, bundle("transaction", entry("POST", "Observation", observation(f"Patient?identifier={SYS}|none"))))
     assert r.status_code == 400
     assert expressions(r) == ["Bundle.entry[0].resource.subject.reference"]
+
+
+def test_a_failing_reference_deep_in_a_resource_is_located_after_the_ones_rewritten(app, client):
+    target = the_store(app).create(patient("t"), deliver_to=())
+    performers = [{"reference": f"Patient?identifier={SYS}|t"}, {"reference": PATIENT_URN}, {"reference": f"Patient?identifier={SYS}|none"}]
+    tx = bundle("transaction", entry("POST", "Patient", patient(), PATIENT_URN), entry("POST", "Observation", {**observation(PATIENT_URN), "performer": performers}))
+    r = post(client, tx)
+    assert r.status_code == 400
+    assert expressions(r) == ["Bundle.entry[1].resource.performer[2].reference"]
+    performers.pop()
+    r = post(client, tx)
+    assert r.status_code == 200
+    written = r.get_json()["entry"][1]["resource"]
+    assert [p["reference"] for p in written["performer"]] == [f"Patient/{target.id}", written["subject"]["reference"]]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"resourceType": "DetectedIssue", "reference": "urn:uuid:1", "implicated": [{"reference": "Patient/1"}]},
+        {"a": [[{"reference": "x"}, {"reference": 5}], {"b": {"reference": "y", "c": [{"reference": "z"}]}}]},
+        [{"reference": "x"}, "text", None, [{"reference": "y"}]],
+        {"reference": None, "display": "no reference"},
+        "not a container",
+    ],
+)
+def test_reference_elements_are_the_references_without_paths(value):
+    assert [id(ref) for ref in reference_elements(value)] == [id(ref) for ref, _ in references(value)]
+
+
+def test_unknown_urns_are_each_located(app, client):
+    unknown = [{"reference": "urn:uuid:0000-a"}, {"reference": PATIENT_URN}, {"reference": "urn:oid:1.2.3"}]
+    tx = bundle("transaction", entry("POST", "Patient", patient(), PATIENT_URN), entry("POST", "Observation", {**observation(PATIENT_URN), "performer": unknown}))
+    r = post(client, tx)
+    assert r.status_code == 400
+    assert expressions(r) == ["Bundle.entry[1].resource.performer[0].reference", "Bundle.entry[1].resource.performer[2].reference"]
 
 
 def test_two_entries_changing_one_resource_is_a_400(app, client):

@@ -163,6 +163,19 @@ def test_inheritance_is_by_the_targets_stored_labels_and_codes_one_level():
     assert not is_part2(label(encounter, held.get))
 
 
+def test_what_targets_state_and_reveal_is_closed_with_the_resources_own_codes():
+    # One target only states a policy (whose sensitivity it implies), another only reveals a
+    # sensitivity by its codes (whose parent and policy it implies): both entailments reach the task.
+    stated = _with(condition("E11.9", rid="c1"), {"system": terminology.V3_ACT_CODE, "code": "42CFRPart2"})
+    held = {"Condition/c1": stated, "Condition/c2": condition("F10.20", rid="c2")}
+    task = {"resourceType": "Task", "id": "t", "status": "completed", "intent": "order", "focus": {"reference": "Condition/c1"}}
+    assert security(label(task, held.get)) == SUD_LABELS
+    task["reasonReference"] = {"reference": "Condition/c2"}
+    assert security(label(task, held.get)) == SUD_LABELS | {act("ETHUD")}
+    judged = labels_of(task, held.get)
+    assert judged.part2 and judged.confidentiality == "R" and judged.sensitivities == {"SUD", "ETHUD"}
+
+
 def test_mentions_are_not_inherited():
     plan = {"resourceType": "CarePlan", "id": "ac", "activity": [{"reference": {"reference": "MedicationRequest/m1"}}]}
     assert not is_part2(label(plan, {"MedicationRequest/m1": label(prescription("991147"))}.get))
