@@ -207,7 +207,7 @@ def system_bundle() -> Response:
     opts = request_options()
     if kind == "transaction":
         entries = check_transaction(bundle, opts.base)
-        with store().unit() as uow:
+        with store().unit(all_or_nothing=True) as uow:  # any failed entry fails the request
             results = apply_transaction(uow, entries, opts)
             disclosure.audit_write(uow, *(r.saved for r in results if r.saved is not None))
     else:

@@ -546,7 +546,7 @@ def _search(resource_type: str, pairs: list[tuple[str, str]]) -> Response:
         max_count=settings["MAX_COUNT"],
         keep=keep,
         release=disclosure.gatekeeper(),
-        seen=lambda found: disclosure.note(*found, listed=False),
+        seen=lambda found: disclosure.note(*found, listed=False, current=True),
     )
     return respond(bundle, fmt=fmt)
 

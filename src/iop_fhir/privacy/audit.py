@@ -14,7 +14,7 @@ destination):
 
   Buffered events are written to the store's append queue (``Store.append(...,
   index_later=True)``: one row each, final), and indexed for search when the process is idle
-  (a flush interval with no new event) or, under sustained load, as soon as more than
+  (a flush interval in which no event, read or write, was recorded) or, under sustained load, as soon as more than
   ``index_backlog`` events wait. Indexing an event costs several times what storing it does;
   leaving it for idle time keeps it off the requests' path. Nothing is ever missing from an
   answer: every read, search or history of AuditEvents indexes what is queued first (so the
@@ -285,6 +285,7 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self.lost = 0  # events dropped after the database failed for too long
+        self._recorded = 0  # events recorded since the flusher last looked (busy or idle)
         ref = weakref.ref(self)
         atexit.register(_close_at_exit, ref)
         os.register_at_fork(after_in_child=functools.partial(_after_fork, ref))
@@ -297,8 +298,10 @@ class AuditLog:
 
     def record(self, event: JSON, *, uow: UnitOfWork | None = None) -> None:
         """Store ``event``: with ``uow`` now, in the caller's transaction; else buffered."""
+        self._recorded += 1  # approximate (unlocked) is enough: it only tells busy from idle
         if uow is not None:
             uow.append([event], index_later=True)
+            self._start()
             return
         with self._lock:
             self._pending.append(event)
@@ -332,11 +335,19 @@ class AuditLog:
                         log.error("dropped the %d oldest audit events: the database has refused them too long", excess)
                 return 0
 
+    def took_events(self) -> bool:
+        """Whether any event was recorded since the last call (the flusher's busy/idle test:
+        a process serving only writes buffers nothing, yet it is not idle)."""
+        recorded, self._recorded = self._recorded, 0
+        return recorded > 0
+
     def index(self, *, idle: bool) -> int:
         """Index queued events: a chunk when ``idle``, else only when more than
-        ``index_backlog`` wait (then down to that bound). Returns how many were indexed."""
+        ``index_backlog`` wait (then towards that bound). At most one chunk per call, so the
+        write lock is held briefly and the requests' writes go on between chunks. Returns how
+        many were indexed."""
         backlog = self.store.appended_backlog()
-        wanted = min(backlog, INDEX_CHUNK) if idle else backlog - self.index_backlog
+        wanted = min(backlog if idle else backlog - self.index_backlog, INDEX_CHUNK)
         return self.store.index_appended(wanted, wait=False) if wanted > 0 else 0
 
     def close(self) -> None:
@@ -373,11 +384,12 @@ class AuditLog:
         self._stop = threading.Event()
         self._thread = None
         self._pid = os.getpid()
+        self._recorded = 0
 
 
 def _run(ref: weakref.ref[AuditLog], stop: threading.Event, wake: threading.Event, interval: float) -> None:
     """The flusher: every ``interval`` seconds, or when woken, write what is buffered, then
-    index queued events (a chunk when there was nothing to write: the process is idle)."""
+    index queued events (a chunk when no event was recorded since the last tick: idle)."""
     while not stop.is_set():
         wake.wait(interval)
         wake.clear()
@@ -385,9 +397,9 @@ def _run(ref: weakref.ref[AuditLog], stop: threading.Event, wake: threading.Even
         if audit is None:
             return
         try:
-            flushed = audit.flush()
+            audit.flush()
             if not stop.is_set():
-                audit.index(idle=flushed == 0)
+                audit.index(idle=not audit.took_events())
         except Exception:  # flush logs database failures itself; anything else must not kill the thread
             log.exception("the audit flusher failed")
         del audit

@@ -245,6 +245,28 @@ def _read_many(target: Engine | Connection, resource_type: str, ids: Iterable[st
     return [found[i] for i in wanted if i in found]
 
 
+def _patient_ids(target: Engine | Connection, resource_type: str, ids: Iterable[str]) -> dict[str, set[str]]:
+    wanted = list(dict.fromkeys(ids))
+    if resource_type == "Patient":
+        return {id: {id} for id in wanted}
+    if not wanted or "patient" not in search_index.search_parameters(resource_type):
+        return {}
+    sr = SEARCH_TABLES["reference"]
+    prepared = _PREPARED.get(
+        ("patients", resource_type, len(wanted)),
+        lambda: select(sr.c.resource_id, sr.c.ref_id).where(
+            sr.c.resource_type == resource_type,
+            sr.c.param == "patient",
+            sr.c.ref_type == "Patient",
+            sr.c.resource_id.in_([bindparam(f"id{i}") for i in range(len(wanted))]),
+        ),
+    )
+    found: dict[str, set[str]] = {}
+    for resource_id, patient in prepared.all(target, {f"id{i}": id for i, id in enumerate(wanted)}):
+        found.setdefault(resource_id, set()).add(patient)
+    return found
+
+
 # Compiled statements by the shape of the search (parameters, modifiers, value forms, sort):
 # a repeated kind of search binds new values into SQL compiled once.
 _PREPARED = db.PreparedCache()
@@ -693,7 +715,7 @@ class _Writer:
         if found is None or found[0] is None or not ID_PATTERN.fullmatch(found[1]):
             return None
         row = _READ.first(self.conn, {"rt": found[0], "id": found[1]})
-        return None if row is None or row[2] or row[4] is None else fhir_json.loads(row[4])
+        return None if row is None or row[2] or row[4] is None else _stored(row[4])
 
     def _insert_version(
         self, resource_type: str, id: str, version: int, now: datetime, digest: bytes | None, data: bytes | None
@@ -917,6 +939,12 @@ class _Operations(ABC):
         self._catch_up(resource_type)
         return _read_many(self._target(), resource_type, ids)
 
+    def patient_ids(self, resource_type: str, ids: Iterable[str]) -> dict[str, set[str]]:
+        """The patients whose compartment holds each of the *current* versions ``ids`` (a
+        Patient's own id; else what the ``patient`` search parameter names), from the search
+        index in one query: for a page of results, instead of parsing each one."""
+        return _patient_ids(self._target(), resource_type, ids)
+
     def history(
         self,
         resource_type: str | None = None,
@@ -986,13 +1014,15 @@ class UnitOfWork(_Operations):
 
     Everything commits together when the ``with`` block ends, or nothing when it raises.
     Each operation runs in a savepoint, so one that fails leaves no trace even when the
-    caller catches its error; reads see the unit's own writes.
+    caller catches its error; reads see the unit's own writes. A unit opened
+    ``all_or_nothing`` on SQLite runs its operations without savepoints (see :meth:`Store.unit`).
     """
 
-    def __init__(self, store: Store, conn: Connection) -> None:
+    def __init__(self, store: Store, conn: Connection, *, savepoints: bool = True) -> None:
         self._writer = _Writer(store, conn)
         self._conn = conn
         self._open = True
+        self._savepoints = savepoints
 
     def _check_open(self) -> None:
         if not self._open:
@@ -1015,6 +1045,8 @@ class UnitOfWork(_Operations):
 
     def _writing(self, fn: Callable[[_Writer], T]) -> T:
         self._check_open()
+        if not self._savepoints:
+            return fn(self._writer)
         for attempt in range(ATTEMPTS):
             try:
                 with self._conn.begin_nested():
@@ -1107,10 +1139,17 @@ class Store(_Operations):
         return self.engine.dialect.name
 
     @contextmanager
-    def unit(self) -> Iterator[UnitOfWork]:
-        """A unit of work: its operations commit together at the end of the block, or not at all."""
+    def unit(self, *, all_or_nothing: bool = False) -> Iterator[UnitOfWork]:
+        """A unit of work: its operations commit together at the end of the block, or not at all.
+
+        :param all_or_nothing: the caller lets any failed operation end the unit (a FHIR
+            transaction Bundle). On SQLite the unit holds the database's write lock from its
+            first statement, so no concurrent writer can win a race its savepoints would
+            retry: operations then run without one (a savepoint per entry was a quarter of a
+            transaction's cost per entry). PostgreSQL keeps them for those retries.
+        """
         with db.writing(self.engine) as conn:
-            uow = UnitOfWork(self, conn)
+            uow = UnitOfWork(self, conn, savepoints=not (all_or_nothing and self.dialect == "sqlite"))
             try:
                 yield uow
             finally:

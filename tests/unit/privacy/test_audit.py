@@ -182,6 +182,15 @@ def test_stored_events_are_indexed_for_search_once_the_process_is_idle(store):
     assert len(audit_events(store)) == 3
 
 
+def test_writes_audited_in_their_unit_keep_the_process_busy(store):
+    log = AuditLog(store, flush_interval=30)
+    assert not log.took_events()
+    with store.unit() as uow:
+        log.record(event(), uow=uow)
+    assert log.took_events() and not log.took_events()  # a write-only process is not idle
+    log.close()
+
+
 def test_under_load_indexing_waits_until_the_backlog_passes_its_bound(store):
     log = AuditLog(store, flush_interval=30, index_backlog=3)
     for n in range(5):

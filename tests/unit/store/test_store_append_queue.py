@@ -167,3 +167,30 @@ def test_a_process_forked_while_the_lock_is_held_queues_behind_its_parent(tmp_pa
     child.join(10)
     assert child.exitcode == 0
     store.close()
+
+
+# --- units that fail as a whole, and a page's patients ------------------------------------------
+
+
+def test_an_all_or_nothing_unit_rolls_back_whole_when_an_operation_fails(store: Store, make_patient) -> None:
+    store.create(make_patient("held"), id="p-held")
+    with pytest.raises(Exception, match="identifier"):
+        with store.unit(all_or_nothing=True) as uow:
+            uow.create(make_patient("new"), id="p-new")
+            uow.create(make_patient("held"), id="p-clash")  # the identifier belongs to p-held
+    assert store.count("Patient") == 1  # p-new went with the unit
+    with store.unit(all_or_nothing=True) as uow:
+        uow.create(make_patient("new"), id="p-new")
+        uow.update("Patient", "p-new", make_patient("new", active=False))
+    assert store.read("Patient", "p-new").version == 2
+
+
+def test_patient_ids_reads_the_compartment_of_current_resources_from_the_index(store: Store, make_patient) -> None:
+    store.create(make_patient("1"), id="p1")
+    store.create(make_patient("2"), id="p2")
+    obs = [store.create({"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{p}"}}) for p in ("p1", "p2")]
+    unattached = store.create({"resourceType": "Observation", "status": "final"})
+    found = store.patient_ids("Observation", [o.id for o in obs] + [unattached.id])
+    assert found == {obs[0].id: {"p1"}, obs[1].id: {"p2"}}
+    assert store.patient_ids("Patient", ["p1", "p2"]) == {"p1": {"p1"}, "p2": {"p2"}}
+    assert store.patient_ids("Organization", ["o1"]) == {} and store.patient_ids("Observation", []) == {}
