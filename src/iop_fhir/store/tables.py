@@ -259,6 +259,7 @@ append_queue = Table(
     Column("id", ID, nullable=False),
     Column("last_updated", Instant, nullable=False),
     Column("data", LargeBinary, nullable=False),
+    Column("content_hash", LargeBinary(32), nullable=False),  # resource_version.content_hash, taken exactly
     Index("ix_append_queue_type", "resource_type", "seq"),
     sqlite_autoincrement=True,
 )
