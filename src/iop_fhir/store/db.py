@@ -142,7 +142,7 @@ class _WriterQueue:
         self._thread.acquire()
         try:
             if self._depth == 0 and fcntl is not None:
-                if self._pid != os.getpid():  # a forked child opens its own: flock is per open file
+                if self._fd is None or self._pid != os.getpid():  # a forked child opens its own: flock is per open file
                     self._fd, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             self._depth += 1
@@ -160,7 +160,14 @@ class _WriterQueue:
 
 
 _QUEUES: weakref.WeakSet[_WriterQueue] = weakref.WeakSet()
-os.register_at_fork(after_in_child=lambda: [queue._reset() for queue in list(_QUEUES)])
+
+
+def _reset_after_fork() -> None:
+    for queue in list(_QUEUES):
+        queue._reset()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 _WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, _WriterQueue] = weakref.WeakKeyDictionary()
 _CREATING = threading.Lock()
 
