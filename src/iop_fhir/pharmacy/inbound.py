@@ -218,8 +218,8 @@ def receive(store: Store, body: bytes, options: InboundOptions) -> Answer:
         if exc.status >= 500 or isinstance(exc, VersionConflict):  # ours, or a race lost: worth a retry
             return _failed(store, message, body, exc)
         # Readable but not applicable: its application rolled back; keep it with the Error that answers it.
-        reply = _error_reply(exc, message.header, store.clock())
-        return store.transaction(lambda uow: _keep(store, uow, message, body, Applied(status="error", detail=exc.message), reply))
+        reply, detail = _error_reply(exc, message.header, store.clock()), exc.message
+        return store.transaction(lambda uow: _keep(store, uow, message, body, Applied(status="error", detail=detail), reply))
     except Exception as exc:  # a bug, or the database away: the pharmacy retries later
         log.exception("applying %s %s failed", message.kind, message.header.message_id)
         return _failed(store, message, body, exc)
