@@ -15,6 +15,7 @@ Everything else in the store is one code path; the differences live here:
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -38,6 +39,8 @@ try:
     import fcntl
 except ImportError:  # Windows: writers of other processes wait in SQLite's busy handler
     fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 # How a transaction starts on SQLite: "IMMEDIATE" for writes, else "DEFERRED".
 BEGIN_OPTION = "iop_fhir_begin"
@@ -115,36 +118,54 @@ def _sqlite_begin(conn: Connection) -> None:
 
 
 class _WriterQueue:
-    """SQLite: one writer at a time, queued on locks that hand over at once.
+    """SQLite: one writer at a time, queued on locks that hand over almost at once.
 
     Writers would otherwise wait for the database lock in SQLite's busy handler, which polls
     with sleeps of up to 100 ms: under concurrent writes most of a write's latency (and the
     p99 of creates) was that sleep. Threads of a process queue on a lock; processes (server
     workers, the delivery worker, the CLI) on an exclusive ``flock`` of ``<database>.lock``,
-    which the kernel hands to the next waiter the moment it is released, and releases by
-    itself when a process dies. Where ``flock`` does not exist, other processes fall back to
-    the busy handler. Re-entrant within a thread.
+    polled every few milliseconds and released by the kernel when a process dies. A writer
+    that waits longer than the busy timeout gets "database is locked", as before. Where
+    ``flock`` does not exist or the lock file cannot be opened (another user's directory),
+    other processes fall back to the busy handler. Re-entrant within a thread.
     """
 
     def __init__(self, database: str) -> None:
-        self.path = f"{database}.lock"
+        self.path = os.path.abspath(f"{database}.lock")
         self._fd: int | None = None
-        self._pid = 0
+        self._pid = os.getpid()
         self._reset()
         _QUEUES.add(self)
 
     def _reset(self) -> None:
-        # a child forked while a thread of its parent wrote holds nothing: fresh lock, depth 0
+        # A child forked while a thread of its parent wrote holds nothing: a fresh thread lock,
+        # depth 0, and its own lock file later (flock belongs to the open file, which the
+        # inherited descriptor shares with the parent: closing it here leaves the parent's lock).
         self._thread = threading.RLock()
         self._depth = 0
+        if self._pid != os.getpid():
+            self._close_fd()
+            self._pid = os.getpid()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _open(self) -> int | None:
+        if self._fd is None and fcntl is not None:
+            try:  # read access is all flock needs; the umask decides who else may open it
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)
+            except OSError:
+                log.warning("cannot open %s: writers of other processes wait in SQLite's busy handler", self.path)
+                return None
+        return self._fd
 
     def __enter__(self) -> None:
         self._thread.acquire()
         try:
-            if self._depth == 0 and fcntl is not None:
-                if self._fd is None or self._pid != os.getpid():  # a forked child opens its own: flock is per open file
-                    self._fd, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if self._depth == 0 and (fd := self._open()) is not None:
+                _flock(fd, self.path)
             self._depth += 1
         except BaseException:
             self._thread.release()
@@ -153,23 +174,47 @@ class _WriterQueue:
     def __exit__(self, *exc: object) -> None:
         try:
             self._depth -= 1
-            if self._depth == 0 and fcntl is not None and self._fd is not None:
+            if self._depth == 0 and self._fd is not None and fcntl is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._thread.release()
 
+    def close(self) -> None:
+        """Close the lock file (the store is closing); a later write opens it again."""
+        with self._thread:
+            if self._depth == 0:
+                self._close_fd()
+
+
+def _flock(fd: int, path: str) -> None:
+    """Take the exclusive lock, polling every 0.5-5 ms, or raise "database is locked" after
+    the busy timeout (a stopped or stuck holder must not block every writer for ever)."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError(f"database is locked (another process has held {path} for {SQLITE_BUSY_TIMEOUT_S} s)") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+
 
 _QUEUES: weakref.WeakSet[_WriterQueue] = weakref.WeakSet()
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, _WriterQueue] = weakref.WeakKeyDictionary()
+_CREATING = threading.Lock()
 
 
 def _reset_after_fork() -> None:
+    global _CREATING
+    _CREATING = threading.Lock()
     for queue in list(_QUEUES):
         queue._reset()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
-_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, _WriterQueue] = weakref.WeakKeyDictionary()
-_CREATING = threading.Lock()
 
 
 def _write_lock(engine: Engine) -> AbstractContextManager[Any]:
@@ -181,6 +226,13 @@ def _write_lock(engine: Engine) -> AbstractContextManager[Any]:
         with _CREATING:
             lock = _WRITE_LOCKS.get(engine) or _WRITE_LOCKS.setdefault(engine, _WriterQueue(str(engine.url.database)))
     return lock
+
+
+def release(engine: Engine) -> None:
+    """Let go of what this process holds for ``engine`` beyond its connections (the lock file)."""
+    queue = _WRITE_LOCKS.pop(engine, None)
+    if queue is not None:
+        queue.close()
 
 
 @contextmanager

@@ -34,7 +34,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -89,11 +89,12 @@ DEFAULT_COUNT = 20
 
 
 def new_id() -> str:
-    """A server-assigned id: a UUID version 7 (RFC 9562), which begins with the creation time
-    in milliseconds. Ids made one after another sort together, so each new resource's rows go
-    at the end of the indexes keyed by id instead of at a random page of each: far fewer pages
-    written per insert (the audit trail appends an event per request). The time it shows is
-    no secret: ``meta.lastUpdated`` of the first version says the same."""
+    """A server-assigned id for a write-once resource (the audit trail): a UUID version 7
+    (RFC 9562), which begins with the creation time in milliseconds. Ids made one after
+    another sort together, so each event's rows go at the end of the indexes keyed by id
+    instead of at a random page of each: far fewer pages written per event. Care data keeps
+    random ids (version 4): an id travels in references to parties who may not see the
+    resource, and a Patient id must not tell when someone was admitted."""
     millis = time.time_ns() // 1_000_000
     random = int.from_bytes(os.urandom(10), "big")
     rand_a, rand_b = random >> 68, random & ((1 << 62) - 1)
@@ -148,8 +149,7 @@ class Saved:
             return self._resource
         if self.data is None:
             raise Gone(f"{self.reference} version {self.version} is a deletion")
-        found: JSON = orjson.loads(self.data)
-        return found
+        return _looked_at(self.data)
 
     @property
     def reference(self) -> str:
@@ -170,6 +170,16 @@ def _stored(data: bytes) -> JSON:
     only the parse is left (decimals exact: ``1.50`` stays ``1.50`` when served again)."""
     resource: JSON = json.loads(data, parse_float=Decimal)
     return resource
+
+
+def _looked_at(data: bytes) -> JSON:
+    """The store's JSON parsed for looking at: orjson, or the exact parse for the numbers
+    orjson refuses (beyond a double's range, e.g. ``1e400``, which FHIR decimals allow)."""
+    try:
+        found: JSON = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return _stored(data)
+    return found
 
 
 def instant(moment: datetime) -> str:
@@ -245,25 +255,29 @@ def _read_many(target: Engine | Connection, resource_type: str, ids: Iterable[st
     return [found[i] for i in wanted if i in found]
 
 
-def _patient_ids(target: Engine | Connection, resource_type: str, ids: Iterable[str]) -> dict[str, set[str]]:
-    wanted = list(dict.fromkeys(ids))
+def _patient_ids(target: Engine | Connection, resource_type: str, versions: Mapping[str, int]) -> dict[str, set[str]]:
+    wanted = list(versions)
     if resource_type == "Patient":
         return {id: {id} for id in wanted}
     if not wanted or "patient" not in search_index.search_parameters(resource_type):
-        return {}
+        return {id: set() for id in wanted}
     sr = SEARCH_TABLES["reference"]
+    on = and_(
+        sr.c.resource_type == rc.c.resource_type,
+        sr.c.resource_id == rc.c.id,
+        sr.c.param == "patient",
+        sr.c.ref_type == "Patient",
+    )
     prepared = _PREPARED.get(
         ("patients", resource_type, len(wanted)),
-        lambda: select(sr.c.resource_id, sr.c.ref_id).where(
-            sr.c.resource_type == resource_type,
-            sr.c.param == "patient",
-            sr.c.ref_type == "Patient",
-            sr.c.resource_id.in_([bindparam(f"id{i}") for i in range(len(wanted))]),
-        ),
+        lambda: select(rc.c.id, rc.c.version_id, sr.c.ref_id)
+        .select_from(rc.outerjoin(sr, on))
+        .where(rc.c.resource_type == resource_type, rc.c.id.in_([bindparam(f"id{i}") for i in range(len(wanted))])),
     )
     found: dict[str, set[str]] = {}
-    for resource_id, patient in prepared.all(target, {f"id{i}": id for i, id in enumerate(wanted)}):
-        found.setdefault(resource_id, set()).add(patient)
+    for id, version, patient in prepared.all(target, {f"id{i}": id for i, id in enumerate(wanted)}):
+        if version == versions[id]:  # the index describes the version shown, not a later one
+            found.setdefault(id, set()).update([patient] if patient else [])
     return found
 
 
@@ -502,7 +516,7 @@ _RELEASE_ALL = db.Prepared(
 )
 _INSERT_IDENTIFIER = db.insert_all(identifier)
 _QUEUE = db.insert_all(append_queue, skip=("seq",))
-_QUEUED = db.Prepared(select(append_queue.c.seq).where(append_queue.c.resource_type == bindparam("rt")).limit(1))
+_NEWEST_QUEUED = db.Prepared(select(func.max(append_queue.c.seq)).where(append_queue.c.resource_type == bindparam("rt")))
 _BACKLOG = db.Prepared(select(func.min(append_queue.c.seq), func.max(append_queue.c.seq)))
 # Pull cursors (sync_cursor): one row per (destination key, resource type).
 _CURSOR_KEY = (sync_cursor.c.destination == bindparam("d"), sync_cursor.c.resource_type == bindparam("rt"))
@@ -556,7 +570,7 @@ class _Writer:
             if found is not None:
                 return _read(self.conn, resource_type, found)
         if id is None:
-            id = new_id()
+            id = str(uuid.uuid4())
         else:
             _check_id(resource_type, {}, id)
             db.lock(self.conn, f"{resource_type}/{id}")
@@ -585,7 +599,7 @@ class _Writer:
         if found is not None and given is not None and given != found:
             message = f"the resource's id {given!r} is not the matching {resource_type}/{found}"
             raise RecordInvalid(message, [Issue(message, location=f"{resource_type}.id", code="value")])
-        return self.update(resource_type, found or given or new_id(), resource, if_match, deliver_to)
+        return self.update(resource_type, found or given or str(uuid.uuid4()), resource, if_match, deliver_to)
 
     def delete(self, resource_type: str, id: str, deliver_to: Any) -> Saved:
         db.lock(self.conn, f"{resource_type}/{id}")
@@ -679,19 +693,22 @@ class _Writer:
             self._insert_appended(rows)
         return len(rows)
 
-    def index_queued(self, resource_type: str | None, limit: int, wait: bool) -> int:
+    def index_queued(self, resource_type: str | None, limit: int, wait: bool, up_to: int | None = None) -> int:
         """Index up to ``limit`` queued resources, oldest first, and take them off the queue.
-        ``wait=False`` skips rows another transaction is indexing (PostgreSQL)."""
+        ``wait=False`` skips rows another transaction is indexing (PostgreSQL); ``up_to``: only
+        rows queued up to that sequence number."""
         q = append_queue.c
         query = select(q.seq, q.resource_type, q.id, q.last_updated, q.data, q.content_hash).order_by(q.seq).limit(limit)
         if resource_type is not None:
             query = query.where(q.resource_type == resource_type)
+        if up_to is not None:
+            query = query.where(q.seq <= up_to)
         found = self.conn.execute(query.with_for_update(skip_locked=not wait)).all()
         if not found:
             return 0
-        # orjson: several times faster than the exact parse, and the index needs no exact decimals
+        # several times faster than the exact parse, and the index needs no exact decimals
         self._insert_appended(
-            [_Appended(t, id, to_micros(at), bytes(data), bytes(digest), orjson.loads(data)) for _, t, id, at, data, digest in found]
+            [_Appended(t, id, to_micros(at), bytes(data), bytes(digest), _looked_at(bytes(data))) for _, t, id, at, data, digest in found]
         )
         self.conn.execute(delete(append_queue).where(q.seq.in_([row[0] for row in found])))
         return len(found)
@@ -946,11 +963,13 @@ class _Operations(ABC):
         self._catch_up(resource_type)
         return _read_many(self._target(), resource_type, ids)
 
-    def patient_ids(self, resource_type: str, ids: Iterable[str]) -> dict[str, set[str]]:
-        """The patients whose compartment holds each of the *current* versions ``ids`` (a
-        Patient's own id; else what the ``patient`` search parameter names), from the search
-        index in one query: for a page of results, instead of parsing each one."""
-        return _patient_ids(self._target(), resource_type, ids)
+    def patient_ids(self, resource_type: str, versions: Mapping[str, int]) -> dict[str, set[str]]:
+        """The patients whose compartment holds each resource (a Patient's own id; else what
+        its ``patient`` search parameter names), from the search index in one query: for a page
+        of results, instead of parsing each one. ``versions``: id -> the version shown; an id
+        whose current version is another one (changed or deleted since) is left out, for the
+        caller to read from the version itself."""
+        return _patient_ids(self._target(), resource_type, versions)
 
     def history(
         self,
@@ -1117,8 +1136,9 @@ class Store(_Operations):
         return cls(engine, clock=clock or utc_now, router=router, labeller=labeller)
 
     def close(self) -> None:
-        """Release every pooled connection."""
+        """Release every pooled connection (and SQLite's writer lock file)."""
         self.engine.dispose()
+        db.release(self.engine)
 
     def __enter__(self) -> Store:
         return self
@@ -1180,28 +1200,36 @@ class Store(_Operations):
 
     # the append queue (append(index_later=True))
 
-    def index_appended(self, limit: int | None = None, *, resource_type: str | None = None, wait: bool = True) -> int:
+    def index_appended(
+        self, limit: int | None = None, *, resource_type: str | None = None, wait: bool = True, up_to: int | None = None
+    ) -> int:
         """Index queued resources, oldest first, in transactions of :data:`INDEX_CHUNK`; returns
         how many. ``wait=False`` (background indexers) skips what another process is indexing
-        at the moment instead of waiting for it (PostgreSQL; SQLite has one writer anyway)."""
+        at the moment instead of waiting for it (PostgreSQL; SQLite has one writer anyway);
+        ``up_to``: only what was queued up to that sequence number (a catch-up must end even
+        while events keep coming)."""
         done = 0
         while limit is None or done < limit:
             chunk = INDEX_CHUNK if limit is None else min(INDEX_CHUNK, limit - done)
             with db.writing(self.engine) as conn:
-                indexed = _Writer(self, conn).index_queued(resource_type, chunk, wait)
+                indexed = _Writer(self, conn).index_queued(resource_type, chunk, wait, up_to)
             done += indexed
             if indexed < chunk:
                 break
         return done
 
     def appended_backlog(self) -> int:
-        """About how many resources wait in the append queue (exact unless rows were skipped)."""
+        """About how many resources wait in the append queue: the span of their sequence
+        numbers, so rows indexed out of order (PostgreSQL's skipped rows) or numbers a rolled
+        back append used up make it an over-estimate, never an under-estimate."""
         row = _BACKLOG.first(self.engine, {})
         return 0 if row is None or row[0] is None else int(row[1]) - int(row[0]) + 1
 
     def _catch_up(self, resource_type: str) -> None:
-        if resource_type in APPEND_ONLY_TYPES and _QUEUED.first(self.engine, {"rt": resource_type}) is not None:
-            self.index_appended(resource_type=resource_type)
+        # A read of the audit trail is a write when events wait: called from a thread that is
+        # inside store.unit() on SQLite it would wait for its own lock (read through the unit).
+        if resource_type in APPEND_ONLY_TYPES and (newest := _NEWEST_QUEUED.first(self.engine, {"rt": resource_type})) and newest[0] is not None:
+            self.index_appended(resource_type=resource_type, up_to=newest[0])
 
     def _target(self) -> Engine:
         return self.engine
