@@ -382,6 +382,7 @@ def worker(once: bool, names: tuple[str, ...], max_wait: float | None) -> None:
 
     from iop_fhir.pharmacy.inbound import InboundOptions
     from iop_fhir.pharmacy.monitor import check_adherence
+    from iop_fhir.privacy.audit import AuditLog
     from iop_fhir.sync.worker import DEFAULT_MAX_WAIT, Worker, WorkerOptions
 
     if max_wait is not None and not once:
@@ -399,7 +400,8 @@ def worker(once: bool, names: tuple[str, ...], max_wait: float | None) -> None:
         return check_adherence(context.store, adherence)
 
     with context.store, Worker(
-        context.store, chosen, name=options.name, lease=options.lease, poll=options.poll, mat_check=mat_check, mat_check_interval=options.mat_check_interval
+        context.store, chosen, name=options.name, lease=options.lease, poll=options.poll, mat_check=mat_check,
+        mat_check_interval=options.mat_check_interval, audit=AuditLog.from_settings(context.store, context.settings),
     ) as running:
         if not running.destinations:
             raise click.ClickException(f"none of {', '.join(chosen)} can be delivered to (disabled, or no channel for its kind)")

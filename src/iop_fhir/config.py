@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "AUDIT_MAX_BUFFER": 500,
     # Stored events are indexed for search when the process is idle, or under sustained load as
     # soon as more than this many wait (the first audit query after a burst indexes the rest:
-    # about 0.1 ms per event).
+    # about 0.3 ms per event).
     "AUDIT_INDEX_BACKLOG": 50_000,
     # Seconds between the worker's checks for discharged clients whose medication-assisted
     # treatment ran out without a new fill (pharmacy/monitor.py): no fill, no message, no Flag.

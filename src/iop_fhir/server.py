@@ -45,12 +45,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions[STORE_KEY] = open_store(settings, destinations)
     # what leaves for a recipient is decided by consent and audited, every access too (docs/privacy.md)
     load_clients(settings)  # a mistake in a [[client]] table stops the start, naming the key
-    audit = AuditLog(
-        app.extensions[STORE_KEY],
-        flush_interval=settings["AUDIT_FLUSH_INTERVAL"],
-        max_buffer=settings["AUDIT_MAX_BUFFER"],
-        index_backlog=settings["AUDIT_INDEX_BACKLOG"],
-    )
+    audit = AuditLog.from_settings(app.extensions[STORE_KEY], settings)
     app.extensions[disclosure.GATE_KEY] = PrivacyGate(app.extensions[STORE_KEY], audit)
 
     errors.init_app(app)

@@ -314,7 +314,7 @@ def note(*touched: Saved | str, listed: bool = True, patients: Iterable[str] = (
     query per type instead of from each document."""
     noted: _Noted = g.setdefault(_NOTED, _Noted())
     noted.patients.extend(p if p.startswith("Patient/") else f"Patient/{p}" for p in patients)
-    by_type: dict[str, list[str]] = {}
+    by_type: dict[str, list[Saved]] = {}
     for item in touched:
         if isinstance(item, str):
             noted.references.append(item)
@@ -324,12 +324,20 @@ def note(*touched: Saved | str, listed: bool = True, patients: Iterable[str] = (
         if item.deleted or item.resource_type == "AuditEvent":
             continue
         if current:
-            by_type.setdefault(item.resource_type, []).append(item.id)
+            by_type.setdefault(item.resource_type, []).append(item)
         else:
-            noted.patients.extend(f"Patient/{p}" for p in sorted(compartment_patients(item.resource_type, item.view)))
-    for resource_type, ids in by_type.items():
-        found = store().patient_ids(resource_type, ids)
-        noted.patients.extend(f"Patient/{p}" for id in ids for p in sorted(found.get(id, ())))
+            _note_patients(noted, item)
+    for resource_type, items in by_type.items():
+        found = store().patient_ids(resource_type, {item.id: item.version for item in items})
+        for item in items:
+            if item.id in found:
+                noted.patients.extend(f"Patient/{p}" for p in sorted(found[item.id]))
+            else:  # changed since the page was read: the version shown says whose it is
+                _note_patients(noted, item)
+
+
+def _note_patients(noted: _Noted, item: Saved) -> None:
+    noted.patients.extend(f"Patient/{p}" for p in sorted(compartment_patients(item.resource_type, item.view)))
 
 
 def note_interaction(subtype: str) -> None:

@@ -57,7 +57,7 @@ import os
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -290,6 +290,17 @@ class AuditLog:
         atexit.register(_close_at_exit, ref)
         os.register_at_fork(after_in_child=functools.partial(_after_fork, ref))
 
+    @classmethod
+    def from_settings(cls, store: Store, settings: Mapping[str, Any]) -> AuditLog:
+        """The audit log the settings describe (``AUDIT_FLUSH_INTERVAL``, ``AUDIT_MAX_BUFFER``,
+        ``AUDIT_INDEX_BACKLOG``): the gateway's and the delivery worker's alike."""
+        return cls(
+            store,
+            flush_interval=settings["AUDIT_FLUSH_INTERVAL"],
+            max_buffer=settings["AUDIT_MAX_BUFFER"],
+            index_backlog=settings["AUDIT_INDEX_BACKLOG"],
+        )
+
     @property
     def pending(self) -> int:
         """Events buffered and not yet written."""
@@ -398,7 +409,7 @@ def _run(ref: weakref.ref[AuditLog], stop: threading.Event, wake: threading.Even
             return
         try:
             audit.flush()
-            if not stop.is_set():
+            if not stop.is_set() and not audit.pending:  # events left pending: the database refused them
                 audit.index(idle=not audit.took_events())
         except Exception:  # flush logs database failures itself; anything else must not kill the thread
             log.exception("the audit flusher failed")

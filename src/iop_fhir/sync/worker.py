@@ -275,6 +275,8 @@ class Worker:
     :param poll: seconds :meth:`run` sleeps when a pass found nothing to do.
     :param mat_check: what :meth:`run` calls every ``mat_check_interval`` seconds (by ``clock``):
         the scheduled overdue-MAT check (:func:`~iop_fhir.pharmacy.monitor.check_adherence`).
+    :param audit: the audit log of what leaves (``AuditLog.from_settings``); default settings
+        when None.
     """
 
     def __init__(
@@ -291,6 +293,7 @@ class Worker:
         poll: float = DEFAULT_POLL,
         mat_check: Callable[[], object] | None = None,
         mat_check_interval: float = DEFAULT_MAT_CHECK_INTERVAL,
+        audit: AuditLog | None = None,
     ) -> None:
         self.store = store
         self.outbox = store.outbox
@@ -319,7 +322,7 @@ class Worker:
         self.reclaim_max_attempts = min(attempts) if attempts else None
         self._open: dict[str, Channel] = {}
         # One gate and audit log for every channel: what leaves is decided and audited (issue 6 §3).
-        self.audit = AuditLog(store)
+        self.audit = audit or AuditLog(store)
         self.gate = PrivacyGate(store, self.audit, clock=self.clock)
         self._pulled: dict[str, float] = {}  # destination -> time.monotonic() of its last scheduled pull
         self.mat_check = mat_check

@@ -3,10 +3,13 @@ never missing from an answer; server-assigned ids that sort by time; the SQLite 
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
+import os
 import threading
 import time
 import uuid
+from decimal import Decimal
 
 import pytest
 from sqlalchemy import func, select
@@ -105,7 +108,7 @@ def test_in_a_unit_of_work_the_queued_row_commits_or_rolls_back_with_the_unit(st
     assert store.count("AuditEvent") == 1 and queued(store) == 0
 
 
-def test_server_assigned_ids_are_uuid7_and_sort_by_creation_time(store: Store, make_patient) -> None:
+def test_appended_ids_are_uuid7_and_sort_by_time_care_data_keeps_random_ids(store: Store, make_patient) -> None:
     first = new_id()
     time.sleep(0.002)
     second = new_id()
@@ -113,8 +116,34 @@ def test_server_assigned_ids_are_uuid7_and_sort_by_creation_time(store: Store, m
     assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
     assert first < second  # the millisecond prefix orders them
     assert abs(int(first.replace("-", "")[:12], 16) / 1000 - time.time()) < 60
-    assert uuid.UUID(store.create(make_patient()).id).version == 7
     assert len({new_id() for _ in range(10_000)}) == 10_000
+    store.append([event(1)])
+    assert uuid.UUID(store.search("AuditEvent").entries[0].id).version == 7
+    # a Patient id must not tell when someone was admitted
+    assert uuid.UUID(store.create(make_patient()).id).version == 4
+
+
+def test_a_number_beyond_a_double_is_still_read_and_indexed(store: Store) -> None:
+    huge = Decimal("1e400")  # a FHIR decimal; orjson refuses it
+    saved = store.create({"resourceType": "Observation", "status": "final", "valueQuantity": {"value": huge}, "subject": {"reference": "Patient/p1"}})
+    assert store.read("Observation", saved.id).view["subject"] == {"reference": "Patient/p1"}
+    store.append([{**event(1), "extension": [{"url": "http://x/n", "valueDecimal": huge}]}], index_later=True)
+    assert store.count("AuditEvent", [("entity", "Patient/p1")]) == 1
+
+
+def test_a_catch_up_ends_at_what_was_queued_when_it_began(store: Store, monkeypatch) -> None:
+    store.append([event(1)], index_later=True)
+    calls = []
+    real = store.index_appended
+
+    def index_and_queue_more(*args, **kwargs):
+        calls.append(kwargs.get("up_to"))
+        store.append([event(2)], index_later=True)  # events keep coming while it runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "index_appended", index_and_queue_more)
+    assert store.count("AuditEvent") == 1  # the one queued before the read; not the late one
+    assert calls and calls[0] is not None and queued(store) == 1
 
 
 # --- the SQLite writer queue ------------------------------------------------------------------
@@ -142,6 +171,10 @@ def test_a_writer_of_another_process_waits_for_the_lock_and_is_not_refused(tmp_p
     holder.start()
     try:
         assert ready.wait(10)
+        probe = os.open(str(tmp_path / "w.db.lock"), os.O_RDONLY)
+        with pytest.raises(BlockingIOError):  # the holder's lock is the lock file's, not only SQLite's
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(probe)
         threading.Timer(0.3, release.set).start()
         started = time.perf_counter()
         saved = store.create(make_patient())  # queues on the lock file until the holder commits
@@ -185,12 +218,25 @@ def test_an_all_or_nothing_unit_rolls_back_whole_when_an_operation_fails(store: 
     assert store.read("Patient", "p-new").version == 2
 
 
-def test_patient_ids_reads_the_compartment_of_current_resources_from_the_index(store: Store, make_patient) -> None:
+def test_patient_ids_reads_the_compartment_of_the_versions_shown_from_the_index(store: Store, make_patient) -> None:
     store.create(make_patient("1"), id="p1")
     store.create(make_patient("2"), id="p2")
     obs = [store.create({"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{p}"}}) for p in ("p1", "p2")]
     unattached = store.create({"resourceType": "Observation", "status": "final"})
-    found = store.patient_ids("Observation", [o.id for o in obs] + [unattached.id])
-    assert found == {obs[0].id: {"p1"}, obs[1].id: {"p2"}}
-    assert store.patient_ids("Patient", ["p1", "p2"]) == {"p1": {"p1"}, "p2": {"p2"}}
-    assert store.patient_ids("Organization", ["o1"]) == {} and store.patient_ids("Observation", []) == {}
+    shown = {o.id: 1 for o in [*obs, unattached]}
+    assert store.patient_ids("Observation", shown) == {obs[0].id: {"p1"}, obs[1].id: {"p2"}, unattached.id: set()}
+    # moved to another patient after the page was read: not answered from the index
+    store.update("Observation", obs[0].id, {"resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/p2"}})
+    store.delete("Observation", obs[1].id)
+    assert store.patient_ids("Observation", shown) == {unattached.id: set()}
+    assert store.patient_ids("Patient", {"p1": 1, "p2": 1}) == {"p1": {"p1"}, "p2": {"p2"}}
+    assert store.patient_ids("Organization", {"o1": 1}) == {"o1": set()} and store.patient_ids("Observation", {}) == {}
+
+
+def test_closing_the_store_closes_its_lock_file(tmp_path, make_patient) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
+    store.create(make_patient())
+    queue = db._WRITE_LOCKS[store.engine]
+    assert queue._fd is not None
+    store.close()
+    assert queue._fd is None and store.engine not in db._WRITE_LOCKS
