@@ -124,7 +124,7 @@ class _WriterQueue:
     with sleeps of up to 100 ms: under concurrent writes most of a write's latency (and the
     p99 of creates) was that sleep. Threads of a process queue on a lock; processes (server
     workers, the delivery worker, the CLI) on an exclusive ``flock`` of ``<database>.lock``,
-    polled every few milliseconds and released by the kernel when a process dies. A writer
+    polled every millisecond at most and released by the kernel when a process dies. A writer
     that waits longer than the busy timeout gets "database is locked", as before. Where
     ``flock`` does not exist or the lock file cannot be opened (another user's directory),
     other processes fall back to the busy handler. Re-entrant within a thread.
@@ -187,10 +187,10 @@ class _WriterQueue:
 
 
 def _flock(fd: int, path: str) -> None:
-    """Take the exclusive lock, polling every 0.5-5 ms, or raise "database is locked" after
+    """Take the exclusive lock, polling every 0.1-1 ms, or raise "database is locked" after
     the busy timeout (a stopped or stuck holder must not block every writer for ever)."""
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
-    pause = 0.0005
+    pause = 0.0001
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -199,7 +199,7 @@ def _flock(fd: int, path: str) -> None:
             if time.monotonic() >= deadline:
                 raise sqlite3.OperationalError(f"database is locked (another process has held {path} for {SQLITE_BUSY_TIMEOUT_S} s)") from None
             time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+            pause = min(pause * 2, 0.001)
 
 
 _QUEUES: weakref.WeakSet[_WriterQueue] = weakref.WeakSet()
