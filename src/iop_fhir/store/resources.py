@@ -527,6 +527,15 @@ _UPDATE_CURSOR = db.Prepared(
 )
 
 
+def _newest_queued(target: Engine | Connection, resource_type: str) -> int | None:
+    """The sequence number of the newest queued resource of the type (None: nothing waits, or
+    not a type that waits): a catch-up indexes up to it, so it ends while events keep coming."""
+    if resource_type not in APPEND_ONLY_TYPES:
+        return None
+    row = _NEWEST_QUEUED.first(target, {"rt": resource_type})
+    return None if row is None or row[0] is None else int(row[0])
+
+
 class _Appended(NamedTuple):
     """A write-once resource on its way into the tables (Store.append)."""
 
@@ -1055,8 +1064,9 @@ class UnitOfWork(_Operations):
             raise RuntimeError("this unit of work has ended")
 
     def _catch_up(self, resource_type: str) -> None:
-        if resource_type in APPEND_ONLY_TYPES:
-            while self._writing(lambda w: w.index_queued(resource_type, INDEX_CHUNK, wait=True)):
+        newest = _newest_queued(self._conn, resource_type)
+        if newest is not None:
+            while self._writing(lambda w: w.index_queued(resource_type, INDEX_CHUNK, wait=True, up_to=newest)):
                 pass
 
     def _target(self) -> Connection:
@@ -1228,8 +1238,9 @@ class Store(_Operations):
     def _catch_up(self, resource_type: str) -> None:
         # A read of the audit trail is a write when events wait: called from a thread that is
         # inside store.unit() on SQLite it would wait for its own lock (read through the unit).
-        if resource_type in APPEND_ONLY_TYPES and (newest := _NEWEST_QUEUED.first(self.engine, {"rt": resource_type})) and newest[0] is not None:
-            self.index_appended(resource_type=resource_type, up_to=newest[0])
+        newest = _newest_queued(self.engine, resource_type)
+        if newest is not None:
+            self.index_appended(resource_type=resource_type, up_to=newest)
 
     def _target(self) -> Engine:
         return self.engine
