@@ -90,8 +90,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _decode(data: bytes | bytearray | memoryview | str, exact_decimals: bool) -> Any:
-    """Plain JSON parse; raises JsonRejected with line and column."""
+def decode(data: bytes | bytearray | memoryview | str, exact_decimals: bool) -> Any:
+    """Plain JSON parse, no FHIR checks (the store parses its own bytes with it); raises
+    JsonRejected with line and column."""
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if isinstance(data, bytes) and data.startswith(b"\xef\xbb\xbf"):
@@ -127,7 +128,7 @@ def loads(data: bytes | bytearray | memoryview | str, *, exact_decimals: bool = 
     :raises RecordInvalid: JSON, but not a FHIR resource: not an object, ``resourceType``
         missing or malformed, or empty values / nulls (each located).
     """
-    return _checked_resource(_decode(data, exact_decimals), "")
+    return _checked_resource(decode(data, exact_decimals), "")
 
 
 def _checked_resource(value: Any, where: str) -> dict[str, Any]:
@@ -168,12 +169,12 @@ def iter_resources(data: bytes | str, *, exact_decimals: bool = False) -> Iterat
     """
     text = data.lstrip() if isinstance(data, str) else data.lstrip(b" \t\r\n\xef\xbb\xbf")
     if text[:1] in ("[", b"["):
-        items = _decode(text, exact_decimals)
+        items = decode(text, exact_decimals)
         for index, item in enumerate(items):
             yield _checked_resource(item, f"item {index}: ")
         return
     try:
-        value = _decode(text, exact_decimals)
+        value = decode(text, exact_decimals)
     except JsonRejected:
         lines = text.splitlines()
         if len(lines) < 2:
@@ -189,7 +190,7 @@ def iter_ndjson(lines: Iterable[bytes | str], *, exact_decimals: bool = False) -
         if not line.strip():
             continue
         try:
-            value = _decode(line, exact_decimals)
+            value = decode(line, exact_decimals)
         except JsonRejected as exc:
             raise JsonRejected(f"line {number}: {exc.message}", exc.issues) from None
         yield _checked_resource(value, f"line {number}: ")

@@ -29,7 +29,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import hashlib
-import json
 import os
 import re
 import time
@@ -168,7 +167,7 @@ class Saved:
 def _stored(data: bytes) -> JSON:
     """Parse the store's own JSON bytes. They passed every FHIR JSON check when written, so
     only the parse is left (decimals exact: ``1.50`` stays ``1.50`` when served again)."""
-    resource: JSON = json.loads(data, parse_float=Decimal)
+    resource: JSON = fhir_json.decode(data, True)
     return resource
 
 
