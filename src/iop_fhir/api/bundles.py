@@ -680,7 +680,7 @@ def run_batch(st: Store, bundle: JSON, opts: Options) -> list[EntryResult]:
             if e.method in READS:
                 results[e.index] = execute(st, e, opts)
             else:
-                with st.unit() as uow:
+                with st.unit(all_or_nothing=True) as uow:
                     resolve(uow, [e])
                     rewrite_references(uow, e, {})
                     results[e.index] = execute(uow, e, opts)

@@ -221,7 +221,7 @@ def _write(resource_type: str, interaction: str, write: Callable[[Store | UnitOf
     confined = auth.confinement()
     if confined is not None and not confined.covers(resource_type):
         confined = None
-    with store().unit() as uow:
+    with store().unit(all_or_nothing=True) as uow:
         if confined is not None and id is not None:
             confined.check(uow, _current(uow, resource_type, id), interaction)
         saved = write(uow)
@@ -441,7 +441,7 @@ def delete(resource_type: str, id: str) -> Response:
     wanted = _if_match()
     confined = auth.confinement()
     try:
-        with store().unit() as uow:
+        with store().unit(all_or_nothing=True) as uow:
             current = uow.read(resource_type, id) if wanted is not None else None
             if confined is not None:
                 confined.check(uow, current, "delete")  # before a 412 could tell its version
@@ -464,7 +464,7 @@ def conditional_delete(resource_type: str) -> Response:
     fmt = _start(resource_type, writes=True)
     criteria = _criteria(resource_type)
     confined = auth.confinement()
-    with store().unit() as uow:
+    with store().unit(all_or_nothing=True) as uow:
         matches = uow.search(resource_type, criteria, count=2).entries
         if len(matches) > 1:
             message = f"more than one {resource_type} matches; conditional delete removes one at a time"

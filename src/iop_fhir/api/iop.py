@@ -312,7 +312,7 @@ def save_records(
 
     :param audit: records the write's AuditEvent in the same unit of work.
     """
-    with st.unit() as uow:
+    with st.unit(all_or_nothing=True) as uow:
         results = [save_record(uow, record, f"/{i}" if len(records) > 1 else "") for i, record in enumerate(records)]
         for record in records:
             discharge.schedule_discharge(uow, record, targets or {})
