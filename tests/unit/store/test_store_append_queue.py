@@ -240,3 +240,83 @@ def test_closing_the_store_closes_its_lock_file(tmp_path, make_patient) -> None:
     assert queue._fd is not None
     store.close()
     assert queue._fd is None and store.engine not in db._WRITE_LOCKS
+
+
+# --- WAL checkpoints off the writers' path --------------------------------------------------------
+
+
+def _wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_writes_reach_the_database_file_through_the_background_checkpoint(tmp_path, make_patient) -> None:
+    path = tmp_path / "k.db"
+    store = Store.open(f"sqlite:///{path}")
+    with store.engine.connect() as conn:  # commits never checkpoint themselves
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    before = path.stat().st_size
+    for n in range(200):
+        store.create(make_patient(str(n)))
+    # the pages are copied from the WAL into the file by the process's checkpoint thread,
+    # within about CHECKPOINT_INTERVAL_S, while the store stays open
+    assert _wait_for(lambda: path.stat().st_size > before + 100_000)
+    checkpointer = db._WAL_CHECKPOINTERS[store.engine]
+    thread = checkpointer._thread
+    assert thread is not None and thread.is_alive()
+    store.close()
+    assert not thread.is_alive() and store.engine not in db._WAL_CHECKPOINTERS
+
+
+def test_the_checkpoint_thread_ends_when_the_process_stops_writing(tmp_path, make_patient, monkeypatch) -> None:
+    monkeypatch.setattr(db, "CHECKPOINT_IDLE_S", 0.3)
+    store = Store.open(f"sqlite:///{tmp_path / 'idle.db'}")
+    store.create(make_patient("1"))
+    checkpointer = db._WAL_CHECKPOINTERS[store.engine]
+    first = checkpointer._thread
+    assert first is not None
+    assert _wait_for(lambda: not first.is_alive(), 5) and checkpointer._thread is None
+    store.create(make_patient("2"))  # writing again starts another
+    assert checkpointer._thread is not None and checkpointer._thread is not first
+    store.close()
+
+
+def test_a_store_written_again_after_close_checkpoints_again(tmp_path, make_patient) -> None:
+    path = tmp_path / "again.db"
+    store = Store.open(f"sqlite:///{path}")
+    store.create(make_patient("1"))
+    store.close()
+    store = Store.open(f"sqlite:///{path}")
+    before = path.stat().st_size
+    for n in range(200):
+        store.create(make_patient(f"again-{n}"))
+    assert _wait_for(lambda: path.stat().st_size > before + 100_000)
+    store.close()
+
+
+def _write_in_child(url: str, done) -> None:
+    store = Store.open(url)
+    before = os.path.getsize(url.removeprefix("sqlite:///"))
+    for n in range(200):
+        store.create({"resourceType": "Patient", "identifier": [{"system": "urn:test", "value": f"child-{n}"}]})
+    if _wait_for(lambda: os.path.getsize(url.removeprefix("sqlite:///")) > before + 100_000):
+        done.set()
+    store.close()
+
+
+def test_a_forked_process_checkpoints_its_own_writes(tmp_path, make_patient) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    store = Store.open(url)
+    store.create(make_patient("parent"))  # the parent's checkpoint thread runs: the child has none of it
+    store.engine.dispose()
+    context = multiprocessing.get_context("fork")
+    done = context.Event()
+    child = context.Process(target=_write_in_child, args=(url, done))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0 and done.is_set()
+    store.close()
