@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl
 
 import orjson
-from sqlalchemy import BigInteger, Connection, Engine, and_, bindparam, delete, false, func, literal_column, select, type_coerce, update
+from sqlalchemy import BigInteger, Connection, Engine, Select, and_, bindparam, delete, false, func, literal_column, select, type_coerce, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from iop_fhir.errors import Gone, Issue, NotFound, PreconditionFailed, RecordInvalid, VersionConflict
@@ -260,6 +260,15 @@ def _patient_ids(target: Engine | Connection, resource_type: str, versions: Mapp
         return {id: {id} for id in wanted}
     if not wanted or "patient" not in search_index.search_parameters(resource_type):
         return {id: set() for id in wanted}
+    prepared = _PREPARED.get(("patients", resource_type, len(wanted)), lambda: _patient_ids_statement(resource_type, len(wanted)))
+    found: dict[str, set[str]] = {}
+    for id, version, patient in prepared.all(target, {f"id{i}": id for i, id in enumerate(wanted)}):
+        if version == versions[id]:  # the index describes the version shown, not a later one
+            found.setdefault(id, set()).update([patient] if patient else [])
+    return found
+
+
+def _patient_ids_statement(resource_type: str, ids: int) -> Select[Any]:
     sr = SEARCH_TABLES["reference"]
     on = and_(
         sr.c.resource_type == rc.c.resource_type,
@@ -267,17 +276,11 @@ def _patient_ids(target: Engine | Connection, resource_type: str, versions: Mapp
         sr.c.param == "patient",
         sr.c.ref_type == "Patient",
     )
-    prepared = _PREPARED.get(
-        ("patients", resource_type, len(wanted)),
-        lambda: select(rc.c.id, rc.c.version_id, sr.c.ref_id)
+    return (
+        select(rc.c.id, rc.c.version_id, sr.c.ref_id)
         .select_from(rc.outerjoin(sr, on))
-        .where(rc.c.resource_type == resource_type, rc.c.id.in_([bindparam(f"id{i}") for i in range(len(wanted))])),
+        .where(rc.c.resource_type == resource_type, rc.c.id.in_([bindparam(f"id{i}") for i in range(ids)]))
     )
-    found: dict[str, set[str]] = {}
-    for id, version, patient in prepared.all(target, {f"id{i}": id for i, id in enumerate(wanted)}):
-        if version == versions[id]:  # the index describes the version shown, not a later one
-            found.setdefault(id, set()).update([patient] if patient else [])
-    return found
 
 
 # Compiled statements by the shape of the search (parameters, modifiers, value forms, sort):
