@@ -221,7 +221,7 @@ class _Checkpointer:
     """
 
     def __init__(self, database: str) -> None:
-        self.database = database
+        self.database = os.path.abspath(database)
         self._reset()
         _CHECKPOINTERS.add(self)
 
@@ -258,7 +258,9 @@ class _Checkpointer:
 
     def _checkpoint(self) -> None:
         try:  # a connection of its own for each pass: an idle process keeps no file open for it
-            conn = sqlite3.connect(self.database, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
+            # mode=rw: a database removed meanwhile is not created again, empty, by a checkpoint
+            uri = Path(self.database).as_uri() + "?mode=rw"
+            conn = sqlite3.connect(uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
             try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             finally:

@@ -320,3 +320,16 @@ def test_a_forked_process_checkpoints_its_own_writes(tmp_path, make_patient) -> 
     child.join(30)
     assert child.exitcode == 0 and done.is_set()
     store.close()
+
+
+def test_a_checkpoint_never_creates_a_database_removed_meanwhile(tmp_path, make_patient) -> None:
+    path = tmp_path / "gone.db"
+    store = Store.open(f"sqlite:///{path}")
+    store.create(make_patient())
+    store.engine.dispose()
+    checkpointer = db._WAL_CHECKPOINTERS[store.engine]
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"gone.db{suffix}").unlink(missing_ok=True)
+    checkpointer._checkpoint()  # logs a warning, creates nothing
+    assert not path.exists()
+    store.close()
