@@ -1181,8 +1181,8 @@ class Store(_Operations):
     def unit(self, *, all_or_nothing: bool = False) -> Iterator[UnitOfWork]:
         """A unit of work: its operations commit together at the end of the block, or not at all.
 
-        :param all_or_nothing: the caller lets any failed operation end the unit (a FHIR
-            transaction Bundle). On SQLite the unit holds the database's write lock from its
+        :param all_or_nothing: the caller lets any failed operation end the unit (every
+            write of the API, a FHIR transaction Bundle). On SQLite the unit holds the database's write lock from its
             first statement, so no concurrent writer can win a race its savepoints would
             retry: operations then run without one (a savepoint per entry was a quarter of a
             transaction's cost per entry). PostgreSQL keeps them for those retries.
