@@ -31,7 +31,9 @@ from flask import Flask
 from iop_fhir.api import STORE_KEY
 from iop_fhir.api.disclosure import GATE_KEY
 from iop_fhir.errors import IopFhirError, Issue
+from iop_fhir.formats import fhir_validate
 from iop_fhir.server import create_app
+from iop_fhir.store.search_index import PARAMETERS
 
 WORKER_CLASS = "gthread"
 THREADS = 4  # per worker process: 2 per core x 4 = 16 requests in flight on 2 cores
@@ -50,9 +52,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def build_app(overrides: Mapping[str, Any] | None = None) -> Flask:
-    """The gateway app ready to fork: built, migrated, with no open database connection."""
+    """The gateway app ready to fork: built, migrated, with no open database connection, and
+    the FHIR models of the served types loaded (the workers share them, and no request waits
+    for their import)."""
     app = create_app(overrides)
     app.extensions[STORE_KEY].close()
+    fhir_validate.preload([*PARAMETERS, "Bundle", "Parameters", "OperationOutcome"])
     return app
 
 

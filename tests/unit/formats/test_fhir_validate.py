@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -351,3 +353,28 @@ def test_validation_is_cheap_on_repeat():
     validate_resource(med_request())
     assert elements_of.cache_info().currsize == built
     assert fhir_validate.elements_of(model_class("MedicationRequest")) is elements_of(model_class("MedicationRequest"))
+
+
+def test_a_served_app_starts_with_the_models_of_its_types_loaded(tmp_path) -> None:
+    # a fresh interpreter: in this one, earlier tests have long imported most models
+    script = (
+        "import sys\n"
+        "from iop_fhir.formats import fhir_validate\n"
+        "from iop_fhir.serve import build_app\n"
+        f"build_app({{'DATABASE_URL': 'sqlite:///{tmp_path / 'p.db'}', 'AUTH': 'off', 'LOG_LEVEL': 'ERROR'}})\n"
+        "print(fhir_validate._model_class.cache_info().currsize, fhir_validate.elements_of.cache_info().currsize,\n"
+        "      'fhir.resources.R4B.medicationdispense' in sys.modules, 'fhir.resources.R4B.episodeofcare' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    types, tables, dispense, episode = done.stdout.split()
+    assert int(types) >= 20 and int(tables) > 100 and dispense == episode == "True"
+
+
+def test_preload_builds_the_tables_of_every_class_a_type_reaches() -> None:
+    ready = fhir_validate.preload(["Observation"])
+    assert ready > 10  # Observation, its backbone elements, CodeableConcept, Quantity, Reference, ...
+    before = fhir_validate.elements_of.cache_info()
+    fhir_validate.elements_of(fhir_validate.model_class("Observation"))
+    assert fhir_validate.elements_of.cache_info().hits == before.hits + 1
+    with pytest.raises(RecordInvalid):
+        fhir_validate.preload(["NoSuchType"])
