@@ -1083,8 +1083,11 @@ class UnitOfWork(_Operations):
 
     def _writing(self, fn: Callable[[_Writer], T]) -> T:
         self._check_open()
-        if not self._savepoints:
-            return fn(self._writer)
+        if not self._savepoints:  # the unit ends with the error: nothing to retry
+            try:
+                return fn(self._writer)
+            except IntegrityError as exc:
+                raise _lost_race(exc) from exc
         for attempt in range(ATTEMPTS):
             try:
                 with self._conn.begin_nested():

@@ -14,6 +14,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select
 
+from iop_fhir.errors import VersionConflict
 from iop_fhir.store import Store, db, new_id
 from iop_fhir.store.tables import append_queue, search_reference
 
@@ -216,6 +217,15 @@ def test_an_all_or_nothing_unit_rolls_back_whole_when_an_operation_fails(store: 
         uow.create(make_patient("new"), id="p-new")
         uow.update("Patient", "p-new", make_patient("new", active=False))
     assert store.read("Patient", "p-new").version == 2
+
+
+def test_an_all_or_nothing_unit_answers_a_violated_constraint_as_a_conflict(store: Store) -> None:
+    claim = "INSERT INTO identifier (resource_type, system, value, resource_id) VALUES ('Patient', 'urn:s', 'v', ?)"
+    with pytest.raises(VersionConflict, match="concurrent write"):
+        with store.unit(all_or_nothing=True) as uow:
+            uow._writing(lambda w: w.conn.exec_driver_sql(claim, ("p1",)))
+            uow._writing(lambda w: w.conn.exec_driver_sql(claim, ("p2",)))  # the same identifier again
+    assert store.count("Patient") == 0
 
 
 def test_patient_ids_reads_the_compartment_of_the_versions_shown_from_the_index(store: Store, make_patient) -> None:
