@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
+from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import BigInteger, ColumnElement, and_, exists, false, func, not_, or_, select, true, type_coerce
@@ -233,19 +234,16 @@ PARAMETERS: dict[str, tuple[SearchParam, ...]] = {
 }
 
 
-def search_parameters(resource_type: str) -> dict[str, SearchParam]:
-    """Every parameter ``resource_type`` supports, by name (the common ones included)."""
-    return {p.name: p for p in (*COMMON, *PARAMETERS.get(resource_type, ()))}
-
-
-_BY_TYPE: dict[str, dict[str, SearchParam]] = {}
-
-
-def _params(resource_type: str) -> dict[str, SearchParam]:
+def search_parameters(resource_type: str) -> Mapping[str, SearchParam]:
+    """Every parameter ``resource_type`` supports, by name (the common ones included).
+    Built once per type and shared: read it, do not change it."""
     found = _BY_TYPE.get(resource_type)
     if found is None:
-        found = _BY_TYPE[resource_type] = search_parameters(resource_type)
+        found = _BY_TYPE[resource_type] = MappingProxyType({p.name: p for p in (*COMMON, *PARAMETERS.get(resource_type, ()))})
     return found
+
+
+_BY_TYPE: dict[str, Mapping[str, SearchParam]] = {}
 
 
 def param(resource_type: str, name: str) -> SearchParam:
@@ -253,7 +251,7 @@ def param(resource_type: str, name: str) -> SearchParam:
 
     :raises InvalidSearch: the type has no such parameter.
     """
-    found = _params(resource_type).get(name)
+    found = search_parameters(resource_type).get(name)
     if found is None:
         raise InvalidSearch(
             f"unknown search parameter {name!r} for {resource_type}",
@@ -450,7 +448,7 @@ def _rows(p: SearchParam, value: Any) -> Iterator[dict[str, Any]]:
 def index_rows(resource_type: str, resource_id: str, resource: JSON) -> dict[str, list[dict[str, Any]]]:
     """The ``search_*`` rows of one resource version, by table kind (``token``, ``date``, ...)."""
     out: dict[str, list[dict[str, Any]]] = {kind: [] for kind in SEARCH_TABLES}
-    for p in _params(resource_type).values():
+    for p in search_parameters(resource_type).values():
         seen: set[tuple[Any, ...]] = set()
         rows = out[p.table]
         for steps in p.steps:
@@ -469,7 +467,7 @@ def referenced_ids(resource_type: str, resource: JSON, param: str, target: str) 
     """The ids of the ``target`` resources that reference parameter ``param`` finds in
     ``resource``: what :func:`index_rows` would index for that one parameter alone (cheap
     enough to ask for every resource a search returns)."""
-    p = _params(resource_type).get(param)
+    p = search_parameters(resource_type).get(param)
     if p is None or p.table != "reference":
         return frozenset()
     return frozenset(
