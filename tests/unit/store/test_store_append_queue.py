@@ -12,11 +12,11 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from iop_fhir.errors import VersionConflict
 from iop_fhir.store import Store, db, new_id
-from iop_fhir.store.tables import append_queue, search_reference
+from iop_fhir.store.tables import append_queue, identifier, search_reference
 
 
 def event(n: int, patient: str = "Patient/p1") -> dict:
@@ -220,11 +220,13 @@ def test_an_all_or_nothing_unit_rolls_back_whole_when_an_operation_fails(store: 
 
 
 def test_an_all_or_nothing_unit_answers_a_violated_constraint_as_a_conflict(store: Store) -> None:
-    claim = "INSERT INTO identifier (resource_type, system, value, resource_id) VALUES ('Patient', 'urn:s', 'v', ?)"
+    def claim(holder: str):
+        return insert(identifier).values(resource_type="Patient", system="urn:s", value="v", resource_id=holder)
+
     with pytest.raises(VersionConflict, match="concurrent write"):
         with store.unit(all_or_nothing=True) as uow:
-            uow._writing(lambda w: w.conn.exec_driver_sql(claim, ("p1",)))
-            uow._writing(lambda w: w.conn.exec_driver_sql(claim, ("p2",)))  # the same identifier again
+            uow._writing(lambda w: w.conn.execute(claim("p1")))
+            uow._writing(lambda w: w.conn.execute(claim("p2")))  # the same identifier again
     assert store.count("Patient") == 0
 
 
