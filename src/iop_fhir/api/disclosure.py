@@ -310,8 +310,8 @@ def note(*touched: Saved | str, listed: bool = True, patients: Iterable[str] = (
     """What the request touched, for its AuditEvent: each version's reference (unless
     ``listed`` is False: a search records its query, and the patients of what it returned)
     and the patients whose compartment holds it. ``current``: every version given is its
-    resource's current one (a search page), so the patients come from the search index in a
-    query per type instead of from each document."""
+    resource's current one (a search page), so the patients come from the search index (read
+    with the page, else in a query per type) instead of from each document."""
     noted: _Noted = g.setdefault(_NOTED, _Noted())
     noted.patients.extend(p if p.startswith("Patient/") else f"Patient/{p}" for p in patients)
     by_type: dict[str, list[Saved]] = {}
@@ -323,7 +323,9 @@ def note(*touched: Saved | str, listed: bool = True, patients: Iterable[str] = (
             noted.references.append(item.location if not item.deleted else item.reference)
         if item.deleted or item.resource_type == "AuditEvent":
             continue
-        if current:
+        if current and item.patients is not None:  # the search read them with the page
+            noted.patients.extend(f"Patient/{p}" for p in sorted(item.patients))
+        elif current:
             by_type.setdefault(item.resource_type, []).append(item)
         else:
             _note_patients(noted, item)

@@ -28,12 +28,13 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Engine, Executable, Table, bindparam, create_engine, event, func, insert, select
+from sqlalchemy import Connection, Engine, Executable, Table, Text, bindparam, create_engine, event, func, insert, select
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
 try:
@@ -386,6 +387,25 @@ def writing(engine: Engine) -> Iterator[Connection]:
     checkpointer = _checkpointer(engine)
     if checkpointer is not None:
         checkpointer.wrote()
+
+
+class joined_text(FunctionElement[str]):
+    """A column's values over a group (or a correlated subquery), joined by spaces:
+    ``group_concat`` on SQLite, ``string_agg`` on PostgreSQL; NULL when there is none."""
+
+    type = Text()
+    inherit_cache = True
+    name = "joined_text"
+
+
+@compiles(joined_text, "sqlite")
+def _joined_text_sqlite(element: joined_text, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"group_concat({compiler.process(element.clauses, **kw)}, ' ')"
+
+
+@compiles(joined_text, "postgresql")
+def _joined_text_postgresql(element: joined_text, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"string_agg({compiler.process(element.clauses, **kw)}, ' ')"
 
 
 class unindexed(ColumnElement[Any]):

@@ -112,6 +112,9 @@ class Saved:
     :param created: this write made the resource exist (new, or re-created after a delete).
     :param changed: this write stored a new version (``False`` for a no-op update, a
         conditional create that found its match, and reads).
+    :param patients: the ids of the Patients its ``patient`` search parameter names, when
+        the read that found it brought them from the search index (a search page: the audit
+        trail's disclosed patients without a query of their own); ``None`` when not asked.
     """
 
     resource_type: str
@@ -123,6 +126,7 @@ class Saved:
     created: bool = False
     changed: bool = False
     _resource: JSON | None = field(default=None, repr=False, compare=False)
+    patients: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def resource(self) -> JSON:
@@ -209,6 +213,28 @@ def _with_data(page: Any) -> Any:
     return select(page.c.id, page.c.version_id, page.c.deleted, page.c.last_updated, rv.c.data).join(
         rv, and_(rv.c.resource_type == page.c.resource_type, rv.c.id == page.c.id, rv.c.version_id == page.c.version_id)
     )
+
+
+def _with_patients(page: Any) -> Any:
+    """:func:`_with_data`, and the ids the ``patient`` parameter's index rows name, read in
+    the same statement as the versions they describe."""
+    sr = SEARCH_TABLES["reference"]
+    named = (
+        select(db.joined_text(sr.c.ref_id))
+        .where(sr.c.resource_type == page.c.resource_type, sr.c.resource_id == page.c.id, sr.c.param == "patient", sr.c.ref_type == "Patient")
+        .scalar_subquery()
+    )
+    return _with_data(page).add_columns(named)
+
+
+def _listed_saved(resource_type: str, row: tuple[Any, ...], patient_param: bool) -> Saved:
+    """A Saved from a search row (:func:`_with_data` or :func:`_with_patients`), its patients set."""
+    saved = _raw_saved(resource_type, row[:5])
+    if resource_type == "Patient":
+        saved.patients = frozenset([saved.id])
+    else:
+        saved.patients = frozenset(row[5].split()) if patient_param and row[5] else frozenset()
+    return saved
 
 
 def _raw_saved(resource_type: str, row: tuple[Any, ...]) -> Saved:
@@ -359,6 +385,7 @@ def _search(
         raise InvalidSearch("_count must not be negative", [Issue("must be 0 or more", location="_count")])
     where = _Filter(resource_type, params)
     names = _sort_names(resource_type, sort)
+    patient_param = resource_type != "Patient" and "patient" in search_index.search_parameters(resource_type)
 
     def build() -> tuple[Any, list[SortKey]]:
         keys = [
@@ -377,8 +404,8 @@ def _search(
         width=len(names),
         count=count,
         cursor=cursor,
-        make=lambda row: _raw_saved(resource_type, row[:5]),
-        attach=_with_data,
+        make=lambda row: _listed_saved(resource_type, row, patient_param),
+        attach=_with_patients if patient_param else _with_data,
     )
     if total:
         page.total = where.count(target)

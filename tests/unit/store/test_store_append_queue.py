@@ -245,6 +245,21 @@ def test_patient_ids_reads_the_compartment_of_the_versions_shown_from_the_index(
     assert store.patient_ids("Organization", {"o1": 1}) == {"o1": set()} and store.patient_ids("Observation", {}) == {}
 
 
+def test_a_search_page_brings_the_patients_of_its_entries_from_the_index(store: Store, make_patient) -> None:
+    store.create(make_patient("1"), id="p1")
+    store.create(make_patient("2"), id="p2")
+    for p in ("p1", "p2"):
+        store.create({"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": "urn:t", "code": "x"}]}, "subject": {"reference": f"Patient/{p}"}})
+    store.create({"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": "urn:t", "code": "x"}]}, "subject": {"reference": "Group/g1"}})
+    page = store.search("Observation", [("code", "urn:t|x")], count=10).entries
+    assert sorted(sorted(e.patients) for e in page) == [[], ["p1"], ["p2"]]
+    assert {e.id: set(e.patients) for e in page} == store.patient_ids("Observation", {e.id: e.version for e in page})
+    assert {e.id: e.patients for e in store.search("Patient", count=10).entries} == {"p1": {"p1"}, "p2": {"p2"}}
+    store.create({"resourceType": "Organization", "name": "clinic"})
+    assert [e.patients for e in store.search("Organization", count=10).entries] == [frozenset()]
+    assert store.read("Observation", page[0].id).patients is None  # a read does not ask for them
+
+
 def test_closing_the_store_closes_its_lock_file(tmp_path, make_patient) -> None:
     store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
     store.create(make_patient())
