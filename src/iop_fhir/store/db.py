@@ -67,7 +67,9 @@ def make_engine(url: str) -> Engine:
         database = parsed.database or ""
         if database in ("", ":memory:") or database.startswith("file::memory:"):
             raise ValueError("the store needs a SQLite file (sqlite:///path/to/file.db), not an in-memory database")
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        uri = bool(parsed.query.get("uri"))  # sqlite:///file:path?uri=true: SQLite parses it
+        if not uri:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             parsed,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
@@ -77,7 +79,7 @@ def make_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
-        if not parsed.query.get("uri"):  # a plain path, made absolute as SQLAlchemy does
+        if not uri:  # a plain path, made absolute as SQLAlchemy does
             _SQLITE_FILES[engine] = os.path.abspath(database)
         return engine
     if backend == "postgresql":

@@ -367,11 +367,13 @@ def test_the_wal_stays_bounded_while_writes_keep_coming(tmp_path, make_patient, 
     store.close()
 
 
-def test_a_sqlite_uri_database_keeps_sqlites_own_checkpoints(tmp_path, make_patient) -> None:
+def test_a_sqlite_uri_database_keeps_sqlites_own_checkpoints(tmp_path, make_patient, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # nothing may appear beside the tests: no folder named "file:"
     store = Store.open(f"sqlite:///file:{tmp_path / 'u.db'}?uri=true")
     store.create(make_patient())
     assert db._checkpointer(store.engine) is None and store.engine not in db._WAL_CHECKPOINTERS
     store.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("u.db")) == []
 
 
 def test_a_checkpoint_never_creates_a_database_removed_meanwhile(tmp_path, make_patient) -> None:
