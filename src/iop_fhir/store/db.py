@@ -77,17 +77,19 @@ def make_engine(url: str) -> Engine:
             max_overflow=24,
             pool_timeout=60,
         )
-        event.listen(engine, "connect", _sqlite_connect)
-        event.listen(engine, "begin", _sqlite_begin)
-        if not uri:  # a plain path, made absolute as SQLAlchemy does
+        if uri:  # SQLite resolves the file: no writer queue, SQLite's own checkpoints
+            event.listen(engine, "connect", _sqlite_connect_uri)
+        else:  # a plain path, made absolute as SQLAlchemy does
             _SQLITE_FILES[engine] = os.path.abspath(database)
+            event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     if backend == "postgresql":
         return create_engine(parsed, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_timeout=60)
     raise ValueError(f"unsupported database {backend!r}: use sqlite:///file.db or postgresql+psycopg://...")
 
 
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: Any, *, background_checkpoints: bool = True) -> None:
     # Take BEGIN away from the sqlite3 module (it would not emit one before SELECT or DDL);
     # _sqlite_begin emits our own.
     dbapi_connection.isolation_level = None
@@ -95,9 +97,14 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")  # durable across application crashes in WAL mode
-    cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")  # the _Checkpointer does most of it
+    if background_checkpoints:  # the _Checkpointer does most of it
+        cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
     _enable_wal(cursor)
     cursor.close()
+
+
+def _sqlite_connect_uri(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_connect(dbapi_connection, record, background_checkpoints=False)
 
 
 def _enable_wal(cursor: Any) -> None:
@@ -314,10 +321,12 @@ _CREATING = threading.Lock()
 
 
 _HELD_FOR_FORK: list[_Checkpointer] = []
+_FORKING = threading.Lock()  # one fork at a time holds the checkpointers
 
 
 def _hold_checkpoints() -> None:
     # a fork waits for a checkpoint under way: the child must not copy its open connection
+    _FORKING.acquire()
     _HELD_FOR_FORK[:] = list(_CHECKPOINTERS)
     for checkpointer in _HELD_FOR_FORK:
         checkpointer._busy.acquire()
@@ -327,11 +336,13 @@ def _release_checkpoints() -> None:
     for checkpointer in _HELD_FOR_FORK:
         checkpointer._busy.release()
     _HELD_FOR_FORK.clear()
+    _FORKING.release()
 
 
 def _reset_after_fork() -> None:
-    global _CREATING
+    global _CREATING, _FORKING
     _CREATING = threading.Lock()
+    _FORKING = threading.Lock()
     _HELD_FOR_FORK.clear()  # the child's checkpointers get fresh locks below
     for queue in list(_QUEUES):
         queue._reset()
@@ -343,13 +354,15 @@ os.register_at_fork(before=_hold_checkpoints, after_in_parent=_release_checkpoin
 
 
 def _write_lock(engine: Engine) -> AbstractContextManager[Any]:
-    """The queue of writers of a SQLite database (:class:`_WriterQueue`); PostgreSQL needs none."""
-    if engine.dialect.name != "sqlite":
+    """The queue of writers of a SQLite database file (:class:`_WriterQueue`). PostgreSQL needs
+    none; the writers of a SQLite URI database (``?uri=true``) wait in SQLite's busy handler."""
+    path = _SQLITE_FILES.get(engine)
+    if path is None:
         return nullcontext()
     lock = _WRITE_LOCKS.get(engine)
     if lock is None:
         with _CREATING:
-            lock = _WRITE_LOCKS.get(engine) or _WRITE_LOCKS.setdefault(engine, _WriterQueue(str(engine.url.database)))
+            lock = _WRITE_LOCKS.get(engine) or _WRITE_LOCKS.setdefault(engine, _WriterQueue(path))
     return lock
 
 
@@ -389,23 +402,24 @@ def writing(engine: Engine) -> Iterator[Connection]:
         checkpointer.wrote()
 
 
-class joined_text(FunctionElement[str]):
-    """A column's values over a group (or a correlated subquery), joined by spaces:
-    ``group_concat`` on SQLite, ``string_agg`` on PostgreSQL; NULL when there is none."""
+class json_list(FunctionElement[str]):
+    """A column's values over a group (or a correlated subquery) as the text of a JSON array
+    (any value survives, spaces included): ``json_group_array`` on SQLite, ``json_agg`` on
+    PostgreSQL (NULL there when there is none)."""
 
     type = Text()
     inherit_cache = True
-    name = "joined_text"
+    name = "json_list"
 
 
-@compiles(joined_text, "sqlite")
-def _joined_text_sqlite(element: joined_text, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"group_concat({compiler.process(element.clauses, **kw)}, ' ')"
+@compiles(json_list, "sqlite")
+def _json_list_sqlite(element: json_list, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"json_group_array({compiler.process(element.clauses, **kw)})"
 
 
-@compiles(joined_text, "postgresql")
-def _joined_text_postgresql(element: joined_text, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"string_agg({compiler.process(element.clauses, **kw)}, ' ')"
+@compiles(json_list, "postgresql")
+def _json_list_postgresql(element: json_list, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"CAST(json_agg({compiler.process(element.clauses, **kw)}) AS TEXT)"
 
 
 class unindexed(ColumnElement[Any]):

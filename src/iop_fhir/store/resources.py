@@ -220,7 +220,7 @@ def _with_patients(page: Any) -> Any:
     the same statement as the versions they describe."""
     sr = SEARCH_TABLES["reference"]
     named = (
-        select(db.joined_text(sr.c.ref_id))
+        select(db.json_list(sr.c.ref_id))
         .where(sr.c.resource_type == page.c.resource_type, sr.c.resource_id == page.c.id, sr.c.param == "patient", sr.c.ref_type == "Patient")
         .scalar_subquery()
     )
@@ -233,7 +233,7 @@ def _listed_saved(resource_type: str, row: tuple[Any, ...], patient_param: bool)
     if resource_type == "Patient":
         saved.patients = frozenset([saved.id])
     else:
-        saved.patients = frozenset(row[5].split()) if patient_param and row[5] else frozenset()
+        saved.patients = frozenset(orjson.loads(row[5])) if patient_param and row[5] else frozenset()
     return saved
 
 
@@ -1110,11 +1110,11 @@ class UnitOfWork(_Operations):
 
     def _writing(self, fn: Callable[[_Writer], T]) -> T:
         self._check_open()
-        if not self._savepoints:  # the unit ends with the error: nothing to retry
+        if not self._savepoints:  # SQLite, lock held: no race to retry; the unit ends with the error
             try:
                 return fn(self._writer)
             except IntegrityError as exc:
-                raise _lost_race(exc) from exc
+                raise VersionConflict("the write conflicts with what is stored (a uniqueness constraint)") from exc
         for attempt in range(ATTEMPTS):
             try:
                 with self._conn.begin_nested():
