@@ -236,14 +236,14 @@ PARAMETERS: dict[str, tuple[SearchParam, ...]] = {
 
 def search_parameters(resource_type: str) -> Mapping[str, SearchParam]:
     """Every parameter ``resource_type`` supports, by name (the common ones included).
-    Built once per type and shared: read it, do not change it."""
-    found = _BY_TYPE.get(resource_type)
-    if found is None:
-        found = _BY_TYPE[resource_type] = MappingProxyType({p.name: p for p in (*COMMON, *PARAMETERS.get(resource_type, ()))})
-    return found
+    Built once per served type and shared: read it, do not change it."""
+    return _BY_TYPE.get(resource_type, _COMMON_ONLY)  # any other name (from a request): the common ones
 
 
-_BY_TYPE: dict[str, Mapping[str, SearchParam]] = {}
+_BY_TYPE: dict[str, Mapping[str, SearchParam]] = {
+    t: MappingProxyType({p.name: p for p in (*COMMON, *params)}) for t, params in PARAMETERS.items()
+}
+_COMMON_ONLY: Mapping[str, SearchParam] = MappingProxyType({p.name: p for p in COMMON})
 
 
 def param(resource_type: str, name: str) -> SearchParam:

@@ -342,3 +342,16 @@ def test_indexing_extracts_by_shape() -> None:
     refs = {(r["param"], r["ref_type"], r["ref_id"]) for r in rows["reference"]}
     assert refs == {("patient", "Patient", "p1"), ("subject", "Patient", "p1"), ("requester", "Practitioner", "d1")}
     assert [r["param"] for r in rows["date"]] == ["authoredon"]
+
+
+def test_search_parameters_are_one_shared_read_only_table_per_served_type() -> None:
+    from iop_fhir.store import search_index
+
+    observation = search_parameters("Observation")
+    assert observation is search_parameters("Observation") and "patient" in observation and "_id" in observation
+    with pytest.raises(TypeError):
+        observation["patient"] = observation["_id"]  # type: ignore[index]
+    served = len(search_index._BY_TYPE)
+    # a made-up type name (from a request) gets the common parameters and is not remembered
+    assert search_parameters("Zz1") is search_parameters("Zz2") and set(search_parameters("Zz1")) == {p.name for p in search_index.COMMON}
+    assert len(search_index._BY_TYPE) == served
