@@ -219,12 +219,19 @@ def _with_patients(page: Any) -> Any:
     """:func:`_with_data`, and the ids the ``patient`` parameter's index rows name, read in
     the same statement as the versions they describe."""
     sr = SEARCH_TABLES["reference"]
-    named = (
-        select(db.json_list(sr.c.ref_id))
-        .where(sr.c.resource_type == page.c.resource_type, sr.c.resource_id == page.c.id, sr.c.param == "patient", sr.c.ref_type == "Patient")
-        .scalar_subquery()
-    )
+    named = select(db.json_list(sr.c.ref_id)).where(*_patient_rows(page.c.resource_type, page.c.id)).scalar_subquery()
     return _with_data(page).add_columns(named)
+
+
+def _patient_rows(resource_type: Any, id: Any) -> list[Any]:
+    """The index rows of the ``patient`` parameter of the resource ``resource_type``/``id`` name."""
+    sr = SEARCH_TABLES["reference"]
+    return [sr.c.resource_type == resource_type, sr.c.resource_id == id, sr.c.param == "patient", sr.c.ref_type == "Patient"]
+
+
+def _has_patient_param(resource_type: str) -> bool:
+    """Whether the type's patients are in its ``patient`` index rows (a Patient is its own)."""
+    return resource_type != "Patient" and "patient" in search_index.search_parameters(resource_type)
 
 
 def _listed_saved(resource_type: str, row: tuple[Any, ...], patient_param: bool) -> Saved:
@@ -284,7 +291,7 @@ def _patient_ids(target: Engine | Connection, resource_type: str, versions: Mapp
     wanted = list(versions)
     if resource_type == "Patient":
         return {id: {id} for id in wanted}
-    if not wanted or "patient" not in search_index.search_parameters(resource_type):
+    if not wanted or not _has_patient_param(resource_type):
         return {id: set() for id in wanted}
     prepared = _PREPARED.get(("patients", resource_type, len(wanted)), lambda: _patient_ids_statement(resource_type, len(wanted)))
     found: dict[str, set[str]] = {}
@@ -296,15 +303,9 @@ def _patient_ids(target: Engine | Connection, resource_type: str, versions: Mapp
 
 def _patient_ids_statement(resource_type: str, ids: int) -> Select[Any]:
     sr = SEARCH_TABLES["reference"]
-    on = and_(
-        sr.c.resource_type == rc.c.resource_type,
-        sr.c.resource_id == rc.c.id,
-        sr.c.param == "patient",
-        sr.c.ref_type == "Patient",
-    )
     return (
         select(rc.c.id, rc.c.version_id, sr.c.ref_id)
-        .select_from(rc.outerjoin(sr, on))
+        .select_from(rc.outerjoin(sr, and_(*_patient_rows(rc.c.resource_type, rc.c.id))))
         .where(rc.c.resource_type == resource_type, rc.c.id.in_([bindparam(f"id{i}") for i in range(ids)]))
     )
 
@@ -385,7 +386,7 @@ def _search(
         raise InvalidSearch("_count must not be negative", [Issue("must be 0 or more", location="_count")])
     where = _Filter(resource_type, params)
     names = _sort_names(resource_type, sort)
-    patient_param = resource_type != "Patient" and "patient" in search_index.search_parameters(resource_type)
+    patient_param = _has_patient_param(resource_type)
 
     def build() -> tuple[Any, list[SortKey]]:
         keys = [
