@@ -13,8 +13,9 @@ destination):
   (SIGKILL, power loss) held is lost, at most ``flush_interval`` seconds of reads.
 
   Buffered events are written to the store's append queue (``Store.append(...,
-  index_later=True)``: one row each, final), and indexed for search when the process is idle
-  (a flush interval in which no event, read or write, was recorded) or, under sustained load, as soon as more than
+  index_later=True)``: one row each, final), and indexed for search when the store is idle
+  (a flush interval in which this process recorded no event, read or write, and no process
+  queued one) or, under sustained load, as soon as more than
   ``index_backlog`` events wait. Indexing an event costs several times what storing it does;
   leaving it for idle time keeps it off the requests' path. Nothing is ever missing from an
   answer: every read, search or history of AuditEvents indexes what is queued first (so the
@@ -286,6 +287,7 @@ class AuditLog:
         self._pid = os.getpid()
         self.lost = 0  # events dropped after the database failed for too long
         self._recorded = 0  # events recorded since the flusher last looked (busy or idle)
+        self._newest_seen: int | None = None  # the append queue's newest number at the last index()
         ref = weakref.ref(self)
         atexit.register(_close_at_exit, ref)
         os.register_at_fork(after_in_child=functools.partial(_after_fork, ref))
@@ -353,12 +355,22 @@ class AuditLog:
         return recorded > 0
 
     def index(self, *, idle: bool) -> int:
-        """Index queued events: a chunk when ``idle``, else only when more than
+        """Index queued events: a chunk when the store is quiet, else only when more than
         ``index_backlog`` wait (then towards that bound). At most one chunk per call, so the
         write lock is held briefly and the requests' writes go on between chunks. Returns how
-        many were indexed."""
-        backlog = self.store.appended_backlog()
-        wanted = min(backlog if idle else backlog - self.index_backlog, INDEX_CHUNK)
+        many were indexed.
+
+        Quiet means this process is ``idle`` (it recorded nothing since the last call) and no
+        process queued an event since the last call either (the newest queued number has not
+        moved): a worker that is idle only because its siblings got the connections must not
+        spend the cores they are serving on.
+        """
+        span = self.store.appended_span()
+        newest = None if span is None else span[1]
+        quiet = idle and newest == self._newest_seen
+        self._newest_seen = newest
+        backlog = 0 if span is None else span[1] - span[0] + 1
+        wanted = min(backlog if quiet else backlog - self.index_backlog, INDEX_CHUNK)
         return self.store.index_appended(wanted, wait=False) if wanted > 0 else 0
 
     def close(self) -> None:
@@ -396,6 +408,7 @@ class AuditLog:
         self._thread = None
         self._pid = os.getpid()
         self._recorded = 0
+        self._newest_seen = None
 
 
 def _run(ref: weakref.ref[AuditLog], stop: threading.Event, wake: threading.Event, interval: float) -> None:

@@ -1265,8 +1265,16 @@ class Store(_Operations):
         """About how many resources wait in the append queue: the span of their sequence
         numbers, so rows indexed out of order (PostgreSQL's skipped rows) or numbers a rolled
         back append used up make it an over-estimate, never an under-estimate."""
+        span = self.appended_span()
+        return 0 if span is None else span[1] - span[0] + 1
+
+    def appended_span(self) -> tuple[int, int] | None:
+        """The sequence numbers of the oldest and the newest resource waiting in the append
+        queue (None: nothing waits). The newest moves whenever any process appends, so an
+        unchanged one tells a background indexer that the whole store, not just its own
+        process, has been quiet."""
         row = _BACKLOG.first(self.engine, {})
-        return 0 if row is None or row[0] is None else int(row[1]) - int(row[0]) + 1
+        return None if row is None or row[0] is None else (int(row[0]), int(row[1]))
 
     def _catch_up(self, resource_type: str) -> None:
         # A read of the audit trail is a write when events wait: called from a thread that is

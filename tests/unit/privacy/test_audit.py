@@ -198,8 +198,24 @@ def test_under_load_indexing_waits_until_the_backlog_passes_its_bound(store):
     assert log.flush() == 5 and store.appended_backlog() == 5
     assert log.index(idle=False) == 2 and store.appended_backlog() == 3  # down to the bound, no further
     assert log.index(idle=False) == 0
-    assert log.index(idle=True) == 3 and store.appended_backlog() == 0
+    assert log.index(idle=True) == 3 and store.appended_backlog() == 0  # nothing queued since the last look
     log.close()
+
+
+def test_an_idle_process_leaves_indexing_alone_while_another_keeps_queueing(store):
+    """Two workers of one store: the one without requests must not take the cores the other
+    is serving on, yet it indexes as soon as the whole store is quiet."""
+    busy, idle = AuditLog(store, flush_interval=30), AuditLog(store, flush_interval=30)
+    busy.record(event(entities=["Observation/o1"]))
+    assert busy.flush() == 1
+    assert idle.index(idle=True) == 0  # events arrived since it last looked (it never did)
+    busy.record(event(entities=["Observation/o2"]))
+    assert busy.flush() == 1
+    assert idle.index(idle=True) == 0 and store.appended_backlog() == 2  # another process keeps queueing
+    assert idle.index(idle=False) == 0  # and a busy one waits for the bound, as before
+    assert idle.index(idle=True) == 2 and store.appended_backlog() == 0  # quiet everywhere since the last look
+    busy.close()
+    idle.close()
 
 
 def test_a_full_buffer_is_flushed_without_waiting_for_the_interval(store):
