@@ -14,20 +14,29 @@ Prints figures; asserts nothing (timings do not belong in tests). Everything run
   (processes of threads, one requests.Session per connection), which shares the 2 cores with
   the servers and so gives lower absolute figures (the ratios remain comparable).
 * Scenarios: read-by-id (``GET /fhir/Observation/{id}``), search by patient (a page of 20:
-  ``GET /fhir/Observation?patient={id}&_count=20``), create (``POST /fhir/Observation``), and the
+  ``GET /fhir/Observation?patient={id}&_count=20``), create (``POST /fhir/Observation``, for a
+  patient the searches leave out, so every round searches the same data), and the
   floor (``GET /floor/Observation/{id}``), each in ``--repeat`` interleaved rounds (the best round
   of each counts). After each run the script waits until the gateway has indexed the audit
   events the run left queued (it does so when idle) and prints how long that took: the deferred
   part of auditing every request, shown beside the figures. Targets at 16 connections: read >= 60% of the floor,
   search >= 40%, create >= 15%, read p99 < 20 ms.
+* In process, first (``--in-process N``, 0 to skip): the CPU each scenario costs per request
+  with no server and no socket (the apps called as WSGI callables, the audit flusher's thread
+  included, its idle-time indexing not), beside the same requests with the audit trail's work
+  taken out (nothing noted, no event built or stored; the patients a search page's query reads
+  for it stay: an analysis only, the gateway has no such switch). Steadier than the HTTP figures on a shared machine, and it shows what auditing every
+  access (issue 6) costs against the floor, which audits nothing.
 
 Usage: python bench/api.py [--patients 20] [--workers 4] [--duration 10] [--connections 16] [--repeat 2]
                            [--worker-class gthread|sync] [--threads 4] [--auth] [--client auto|wrk|python]
+                           [--in-process 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -127,6 +136,80 @@ def new_observation(patient: str) -> dict[str, Any]:
         "effectiveDateTime": "2026-02-03T10:00:00Z",
         "valueInteger": 11,
     }
+
+
+# --- in process ----------------------------------------------------------------------------------
+
+
+def in_process(database_url: str, scenarios: dict[str, tuple[str, list[str], bytes | None]], count: int) -> None:
+    """Print the CPU per request of each scenario called straight on the apps, as served and
+    with the audit trail's work taken out (see the module doc)."""
+    from unittest import mock
+
+    from werkzeug.test import EnvironBuilder
+
+    from iop_fhir.api import STORE_KEY, disclosure
+    from iop_fhir.api.disclosure import GATE_KEY
+    from iop_fhir.serve import build_app
+
+    apps = {"floor": floor_app(database_url), "gateway": build_app({"DATABASE_URL": database_url, "AUTH": "off", "LOG_LEVEL": "WARNING"})}
+    audit = apps["gateway"].extensions[GATE_KEY].audit
+
+    def cpu_ms(name: str) -> float:
+        method, paths, data = scenarios[name]
+        app = apps["floor" if name == "floor" else "gateway"]
+        environs = []
+        for path in paths[:200]:
+            where, _, query = path.partition("?")
+            built = EnvironBuilder(method=method, path=where, query_string=query, data=data, content_type="application/fhir+json" if data else None)
+            environs.append(built.get_environ())
+        n = count if method == "GET" else max(1, count // 4)
+
+        def call(i: int) -> None:
+            environ = dict(environs[i % len(environs)])
+            if data is not None:
+                environ["wsgi.input"] = io.BytesIO(data)
+            status: list[str] = []
+            b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+            if not status[0].startswith("2"):
+                raise SystemExit(f"in process, {name}: {method} {paths[i % len(paths)]} answered {status[0]}")
+
+        for i in range(min(50, n)):  # warm-up
+            call(i)
+        audit.flush()
+        # the queued events of earlier runs indexed now, or an unaudited run (which records
+        # nothing, so its process looks idle) would pay for indexing them
+        audit.store.index_appended()
+        started = time.process_time()
+        for i in range(n):
+            call(i)
+        audit.flush()  # what the flusher's thread still holds is part of these requests' cost
+        return (time.process_time() - started) / n * 1e3
+
+    rows: list[tuple[str, float, float | None]] = []
+    for name in scenarios:
+        served = cpu_ms(name)
+        if name == "floor":
+            rows.append((name, served, None))
+            continue
+        # what each request does for its AuditEvent: note what it touched, build and record
+        # the event (after the response, or in the write's unit of work)
+        unaudited = [mock.patch.object(disclosure, name, lambda *_a, **_k: None) for name in ("note", "audit_write")]
+        with unaudited[0], unaudited[1], mock.patch.object(disclosure, "_audited", lambda _path: False):
+            rows.append((name, served, cpu_ms(name)))
+    audit.close()
+    for app in apps.values():
+        if STORE_KEY in app.extensions:
+            app.extensions[STORE_KEY].close()
+    floor = rows[0][1]
+    print(f"\nin process ({count} requests each, creates a quarter of that; no server, no socket): CPU per request")
+    print(f"{'scenario':<10}{'ms':>8}{'floor/ms':>10}{'no audit ms':>13}{'floor/ms':>10}{'audit share':>13}")
+    for name, served, bare in rows:
+        if bare is None:
+            print(f"{name:<10}{served:>8.3f}{'100%':>10}")
+        else:
+            print(f"{name:<10}{served:>8.3f}{floor / served:>10.0%}{bare:>13.3f}{floor / bare:>10.0%}{1 - bare / served:>13.0%}")
+    print()
 
 
 # --- load generators ---------------------------------------------------------------------------
@@ -247,6 +330,7 @@ def main() -> None:
     parser.add_argument("--auth", action="store_true", help="run the gateway with auth on (HS256 tokens)")
     parser.add_argument("--client", default="auto", choices=["auto", "wrk", "python"])
     parser.add_argument("--only", default="", help="comma-separated scenarios (read,search,create)")
+    parser.add_argument("--in-process", type=int, default=1000, help="requests per scenario in process, first (0: skip)")
     parser.add_argument("--serve", choices=["gateway", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
@@ -262,25 +346,29 @@ def main() -> None:
     try:
         database_url = f"sqlite:///{folder / 'bench.sqlite'}"
         observations, patients = load(database_url, args.patients, args.seed)
-        if not patients:
-            raise SystemExit("no patient has 20 Observations; use more --patients")
-        gateway = start("gateway", database_url, args)
-        floor = start("floor", database_url, args)
-        servers = [gateway, floor]
+        if len(patients) < 2:
+            raise SystemExit("fewer than 2 patients have 20 Observations; use more --patients")
+        writer = patients.pop()  # creates go to a patient the searches leave out
         headers = {"Accept": "application/fhir+json"}
         if args.auth:
             import jwt
 
             claims = {"client_id": "bench", "scope": "system/*.cruds", "exp": int(time.time()) + 3600}
             headers["Authorization"] = "Bearer " + jwt.encode(claims, SECRET, algorithm="HS256")
-        body = json.dumps(new_observation(patients[0])).encode()
-        scenarios = {
-            "floor": (floor.base, "GET", [f"/floor/Observation/{i}" for i in observations], None),
-            "read": (gateway.base, "GET", [f"/fhir/Observation/{i}" for i in observations], None),
-            "search": (gateway.base, "GET", [f"/fhir/Observation?patient={p}&_count=20" for p in patients], None),
-            "create": (gateway.base, "POST", ["/fhir/Observation"], body),
+        body = json.dumps(new_observation(writer)).encode()
+        requested: dict[str, tuple[str, list[str], bytes | None]] = {
+            "floor": ("GET", [f"/floor/Observation/{i}" for i in observations], None),
+            "read": ("GET", [f"/fhir/Observation/{i}" for i in observations], None),
+            "search": ("GET", [f"/fhir/Observation?patient={p}&_count=20" for p in patients], None),
+            "create": ("POST", ["/fhir/Observation"], body),
         }
         wanted = {"floor", *(args.only.split(",") if args.only else ("read", "search", "create"))}
+        if args.in_process:
+            in_process(database_url, {n: found for n, found in requested.items() if n in wanted}, args.in_process)
+        gateway = start("gateway", database_url, args)
+        floor = start("floor", database_url, args)
+        servers = [gateway, floor]
+        scenarios = {n: (floor.base if n == "floor" else gateway.base, *found) for n, found in requested.items()}
         for name, (base, method, paths, data) in scenarios.items():
             sample = requests.request(method, base + paths[0], data=data, headers={**headers, "Content-Type": "application/fhir+json"}, timeout=10)
             if sample.status_code >= 400:
