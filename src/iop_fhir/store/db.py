@@ -450,6 +450,28 @@ def _unindexed_sqlite(element: unindexed, compiler: SQLCompiler, **kw: Any) -> s
     return "+" + compiler.process(element.column, **kw)
 
 
+ROWS_PER_INSERT = 64  # a power of two: every run of rows is a few statements the driver has cached
+SQLITE_MAX_PARAMETERS = 999  # SQLite's default limit before 3.32, the lowest any build may have
+
+
+def _halves(n: int) -> list[int]:
+    """``n``, ``n // 2``, ... 1."""
+    found = []
+    while n >= 1:
+        found.append(n)
+        n //= 2
+    return found
+
+
+def _insert_rows(cursor: Any, sizes: dict[int, str], args: Sequence[Sequence[Any]]) -> None:
+    """Insert ``args`` (positional rows) with the multi-row statements in ``sizes``, biggest first."""
+    done, total = 0, len(args)
+    for size in sorted(sizes, reverse=True):
+        while total - done >= size:
+            cursor.execute(sizes[size], [value for row in args[done : done + size] for value in row])
+            done += size
+
+
 class Prepared:
     """A statement compiled once per dialect and run straight on a DBAPI cursor.
 
@@ -467,6 +489,7 @@ class Prepared:
     def __init__(self, statement: Executable) -> None:
         self._statement = statement
         self._sql: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
+        self._multirow: dict[int, str] | None = None  # SQLite: rows per INSERT -> its SQL (see executemany)
 
     def _compiled(self, dialect: Dialect) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
         found = self._sql.get(dialect.name)
@@ -521,9 +544,39 @@ class Prepared:
         return self._run(conn, params, run)
 
     def executemany(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-        """Run a write once per parameter set, in ``conn``'s transaction."""
-        if rows:
+        """Run a write once per parameter set, in ``conn``'s transaction.
+
+        On SQLite an ``INSERT ... VALUES`` of several rows goes as a few multi-row INSERTs
+        (:data:`ROWS_PER_INSERT` rows at most, then halves): the driver lets other threads run
+        around every statement it steps, and a thread of a busy process then waits for the GIL
+        before each next row. Row by row, the audit flusher's 400-event insert took seconds of
+        wall time beside one busy request thread, and several times its own CPU.
+        """
+        if not rows:
+            return
+        sizes = self._multirow_sql(conn.dialect) if len(rows) > 1 else None
+        if sizes:
+            self._run(conn, rows, lambda cursor, _sql, args: _insert_rows(cursor, sizes, args), many=True)
+        else:
             self._run(conn, rows, lambda cursor, sql, args: cursor.executemany(sql, args), many=True)
+
+    def _multirow_sql(self, dialect: Dialect) -> dict[int, str] | None:
+        """SQLite only: the statement as multi-row INSERTs of 1, 2, 4 ... rows, or None when it
+        is not a plain positional ``INSERT ... VALUES (...)``."""
+        if dialect.name != "sqlite":
+            return None
+        if self._multirow is None:
+            sql, order, _defaults = self._compiled(dialect)
+            head, found, values = sql.rpartition(" VALUES ")
+            plain = found and order and sql.lstrip().upper().startswith("INSERT") and values.startswith("(") and values.endswith(")")
+            if not plain or "RETURNING" in values.upper():
+                self._multirow = {}
+            else:
+                per = ROWS_PER_INSERT
+                while per > 1 and per * values.count("?") > SQLITE_MAX_PARAMETERS:
+                    per //= 2
+                self._multirow = {n: f"{head} VALUES {', '.join([values] * n)}" for n in _halves(per)}
+        return self._multirow or None
 
 
 def insert_all(table: Table, *, skip: tuple[str, ...] = ()) -> Prepared:
