@@ -450,26 +450,20 @@ def _unindexed_sqlite(element: unindexed, compiler: SQLCompiler, **kw: Any) -> s
     return "+" + compiler.process(element.column, **kw)
 
 
-ROWS_PER_INSERT = 64  # a power of two: every run of rows is a few statements the driver has cached
+ROWS_PER_INSERT = (64, 16)  # statement shapes, biggest first: few, so the driver keeps them prepared
 SQLITE_MAX_PARAMETERS = 999  # SQLite's default limit before 3.32, the lowest any build may have
 
 
-def _halves(n: int) -> list[int]:
-    """``n``, ``n // 2``, ... 1."""
-    found = []
-    while n >= 1:
-        found.append(n)
-        n //= 2
-    return found
-
-
-def _insert_rows(cursor: Any, sizes: dict[int, str], args: Sequence[Sequence[Any]]) -> None:
-    """Insert ``args`` (positional rows) with the multi-row statements in ``sizes``, biggest first."""
+def _insert_rows(cursor: Any, sql: str, sizes: dict[int, str], args: Sequence[Sequence[Any]]) -> None:
+    """Insert ``args`` (positional rows) with the multi-row statements in ``sizes``, biggest
+    first, and what is left (fewer than the smallest) row by row with ``sql``."""
     done, total = 0, len(args)
     for size in sorted(sizes, reverse=True):
         while total - done >= size:
             cursor.execute(sizes[size], [value for row in args[done : done + size] for value in row])
             done += size
+    if done < total:
+        cursor.executemany(sql, args[done:])
 
 
 class Prepared:
@@ -546,23 +540,25 @@ class Prepared:
     def executemany(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Run a write once per parameter set, in ``conn``'s transaction.
 
-        On SQLite an ``INSERT ... VALUES`` of several rows goes as a few multi-row INSERTs
-        (:data:`ROWS_PER_INSERT` rows at most, then halves): the driver lets other threads run
-        around every statement it steps, and a thread of a busy process then waits for the GIL
-        before each next row. Row by row, the audit flusher's 400-event insert took seconds of
-        wall time beside one busy request thread, and several times its own CPU.
+        On SQLite a bulk ``INSERT ... VALUES`` (16 rows or more) goes as multi-row INSERTs of
+        :data:`ROWS_PER_INSERT` rows: the driver lets other threads run around every statement
+        it steps, and a thread of a busy process then waits for the GIL before each next row.
+        Row by row, the audit flusher's 400-event insert took seconds of wall time beside one
+        busy request thread, and more of its own CPU. The few rows of one write's index stay
+        row by row: preparing more statement shapes would cost them more than it saves.
         """
         if not rows:
             return
-        sizes = self._multirow_sql(conn.dialect) if len(rows) > 1 else None
+        sizes = self._multirow_sql(conn.dialect) if len(rows) >= min(ROWS_PER_INSERT) else None
         if sizes:
-            self._run(conn, rows, lambda cursor, _sql, args: _insert_rows(cursor, sizes, args), many=True)
+            self._run(conn, rows, lambda cursor, sql, args: _insert_rows(cursor, sql, sizes, args), many=True)
         else:
             self._run(conn, rows, lambda cursor, sql, args: cursor.executemany(sql, args), many=True)
 
     def _multirow_sql(self, dialect: Dialect) -> dict[int, str] | None:
-        """SQLite only: the statement as multi-row INSERTs of 1, 2, 4 ... rows, or None when it
-        is not a plain positional ``INSERT ... VALUES (...)``."""
+        """SQLite only: the statement as multi-row INSERTs of each :data:`ROWS_PER_INSERT` size
+        (fewer where SQLite's parameter limit says so), or None when it is not a plain
+        positional ``INSERT ... VALUES (...)``."""
         if dialect.name != "sqlite":
             return None
         if self._multirow is None:
@@ -572,10 +568,10 @@ class Prepared:
             if not plain or "RETURNING" in values.upper():
                 self._multirow = {}
             else:
-                per = ROWS_PER_INSERT
-                while per > 1 and per * values.count("?") > SQLITE_MAX_PARAMETERS:
-                    per //= 2
-                self._multirow = {n: f"{head} VALUES {', '.join([values] * n)}" for n in _halves(per)}
+                width = max(1, values.count("?"))
+                self._multirow = {
+                    n: f"{head} VALUES {', '.join([values] * n)}" for n in {min(size, SQLITE_MAX_PARAMETERS // width) for size in ROWS_PER_INSERT}
+                }
         return self._multirow or None
 
 
