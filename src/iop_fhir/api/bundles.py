@@ -584,12 +584,12 @@ def _settle_id(e: Entry) -> None:
 def _one_match(ops: Ops, e: Entry, criteria: list[tuple[str, str]], where: str) -> str | None:
     """The id of the one live resource matching ``criteria``, or None; several are a 412."""
     try:
-        found = ops.search(e.resource_type, criteria, count=2).entries
+        found = ops.match_ids(e.resource_type, criteria)
     except IopFhirError as exc:
         raise _at(exc, e, where) from None
     if len(found) > 1:
         raise _at(PreconditionFailed(f"more than one {e.resource_type} matches {urlencode(criteria)}"), e, where, "multiple-matches")
-    return found[0].id if found else None
+    return found[0] if found else None
 
 
 def rewrite_references(ops: Ops, e: Entry, targets: dict[str, str], resolved: dict[str, str] | None = None) -> None:
@@ -619,7 +619,7 @@ def rewrite_references(ops: Ops, e: Entry, targets: dict[str, str], resolved: di
             try:
                 if e.confinement is not None:  # a search no scope was asked about: confined whatever its type
                     criteria = e.confinement.criteria(rtype, criteria, every_type=True)
-                found = ops.search(rtype, criteria, count=2).entries
+                found = ops.match_ids(rtype, criteria)
             except IopFhirError as exc:
                 path = _path_of(resource, ref, prefix)
                 raise EntryFailed(exc, e.index, [Issue(f"{text}: {i.message}", path, i.severity, i.code) for i in exc.issues]) from None
@@ -628,7 +628,7 @@ def rewrite_references(ops: Ops, e: Entry, targets: dict[str, str], resolved: di
                 message = f"the conditional reference {text} matches {len(found) or 'no'}{'+' if len(found) > 1 else ''} resources; it must match one"
                 error = PreconditionFailed if found else InvalidBundle
                 raise error(message, [Issue(message, path, code="multiple-matches" if found else "not-found")])
-            ref["reference"] = cache[text] = found[0].reference
+            ref["reference"] = cache[text] = f"{rtype}/{found[0]}"
 
 
 # --- running ----------------------------------------------------------------------------------

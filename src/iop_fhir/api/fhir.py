@@ -465,11 +465,11 @@ def conditional_delete(resource_type: str) -> Response:
     criteria = _criteria(resource_type)
     confined = auth.confinement()
     with store().unit(all_or_nothing=True) as uow:
-        matches = uow.search(resource_type, criteria, count=2).entries
+        matches = uow.match_ids(resource_type, criteria)
         if len(matches) > 1:
             message = f"more than one {resource_type} matches; conditional delete removes one at a time"
             raise PreconditionFailed(message, [Issue(message, code="multiple-matches")])
-        saved = uow.delete(resource_type, matches[0].id) if matches else None
+        saved = uow.delete(resource_type, matches[0]) if matches else None
         if confined is not None:
             confined.check(uow, saved, "delete")
         if saved is not None:

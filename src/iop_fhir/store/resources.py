@@ -1061,6 +1061,16 @@ class _Operations(ABC):
         self._catch_up(resource_type)
         return _Filter(resource_type, params).count(self._target())
 
+    def match_ids(self, resource_type: str, params: SearchParams, limit: int = 2) -> list[str]:
+        """The ids of at most ``limit`` live resources matching ``params``, in no particular
+        order: what a conditional write or reference needs to know (none, one, or several),
+        without a page's sorting, versions and bodies.
+
+        :raises InvalidSearch: unknown parameter or modifier, malformed value.
+        """
+        self._catch_up(resource_type)
+        return _Filter(resource_type, params).first_ids(self._target(), limit)
+
     # pull cursors
 
     def pull_cursor(self, destination: str, resource_type: str) -> str | None:

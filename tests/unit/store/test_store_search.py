@@ -208,6 +208,22 @@ def test_bad_searches_are_client_errors(loaded: Store) -> None:
         assert caught.value.status == 400 and caught.value.issues[0].location, params
 
 
+def test_match_ids_answer_what_search_finds_up_to_the_limit(loaded: Store) -> None:
+    """A conditional write's match: the same filter as search, ids only, no page."""
+    for params in ([("patient", "Patient/p1")], [("code", "44249-1")], [("identifier", f"{MRN}|P2")], [("patient", "p9")]):
+        resource_type = "Patient" if params[0][0] == "identifier" else "Observation"
+        found = loaded.match_ids(resource_type, params, limit=10)
+        assert sorted(found) == sorted(ids(loaded, resource_type, params)), params
+    assert len(loaded.match_ids("Observation", [("code", "44249-1")])) == 2  # of 4: enough to say "several"
+    loaded.delete("Observation", "o2")
+    assert loaded.match_ids("Observation", [("patient", "Patient/p1")]) == ["o1"]
+    with loaded.unit() as uow:
+        assert uow.match_ids("Observation", [("patient", "Patient/p1")]) == ["o1"]
+    for params in BAD_SEARCHES:
+        with pytest.raises(InvalidSearch):
+            loaded.match_ids("Observation", params)
+
+
 def test_sort(loaded: Store) -> None:
     assert ids(loaded, "Observation", [("code", "44249-1")]) == ["o1", "o3", "o4", "o5"]  # by _lastUpdated
     assert ids(loaded, "Observation", [], sort="date") == ["o4", "o3", "o1", "o2", "o5", "o6"]  # missing last
