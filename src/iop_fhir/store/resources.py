@@ -773,12 +773,14 @@ class _Writer:
                 statement.executemany(self.conn, index[kind])
 
     def _linked(self, reference: str) -> JSON | None:
-        """The current version of what a literal reference names (the labeller's look-up), or None."""
+        """The current version of what a literal reference names (the labeller's look-up), or
+        None. Parsed for looking at (its labels and codes), not the exact decimals: a transaction
+        Bundle's entries look up their patient and encounter again and again."""
         found = search_index.parse_reference(reference)
         if found is None or found[0] is None or not ID_PATTERN.fullmatch(found[1]):
             return None
         row = _READ.first(self.conn, {"rt": found[0], "id": found[1]})
-        return None if row is None or row[2] or row[4] is None else _stored(row[4])
+        return None if row is None or row[2] or row[4] is None else _looked_at(row[4])
 
     def _insert_version(
         self, resource_type: str, id: str, version: int, now: datetime, digest: bytes | None, data: bytes | None
