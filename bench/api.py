@@ -36,6 +36,7 @@ Usage: python bench/api.py [--patients 20] [--workers 4] [--duration 10] [--conn
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -154,6 +155,10 @@ def in_process(database_url: str, scenarios: dict[str, tuple[str, list[str], byt
 
     apps = {"floor": floor_app(database_url), "gateway": build_app({"DATABASE_URL": database_url, "AUTH": "off", "LOG_LEVEL": "WARNING"})}
     audit = apps["gateway"].extensions[GATE_KEY].audit
+    # as serve.run_gunicorn does before its workers fork: the loaded code's objects out of the
+    # collector's reach (without it, full collections cost a read about a sixth more CPU here)
+    gc.collect()
+    gc.freeze()
 
     def cpu_ms(name: str) -> float:
         method, paths, data = scenarios[name]
@@ -170,7 +175,9 @@ def in_process(database_url: str, scenarios: dict[str, tuple[str, list[str], byt
             if data is not None:
                 environ["wsgi.input"] = io.BytesIO(data)
             status: list[str] = []
-            b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+            answer = app(environ, lambda s, h, e=None: status.append(s))
+            b"".join(answer)
+            answer.close()  # as a WSGI server does
             if not status[0].startswith("2"):
                 raise SystemExit(f"in process, {name}: {method} {paths[i % len(paths)]} answered {status[0]}")
 
