@@ -480,9 +480,12 @@ class Prepared:
     Driver errors are raised as SQLAlchemy's (``IntegrityError`` ...), as ``execute`` would.
     """
 
-    def __init__(self, statement: Executable) -> None:
+    def __init__(self, statement: Executable, *, rows_at_once: bool = False) -> None:
+        """:param rows_at_once: the statement is a plain ``INSERT INTO t (...) VALUES (...)``
+        (:func:`insert_all`), which ``executemany`` may send as multi-row INSERTs on SQLite."""
         self._statement = statement
         self._sql: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
+        self._rows_at_once = rows_at_once
         self._multirow: dict[int, str] | None = None  # SQLite: rows per INSERT -> its SQL (see executemany)
 
     def _compiled(self, dialect: Dialect) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
@@ -556,16 +559,15 @@ class Prepared:
             self._run(conn, rows, lambda cursor, sql, args: cursor.executemany(sql, args), many=True)
 
     def _multirow_sql(self, dialect: Dialect) -> dict[int, str] | None:
-        """SQLite only: the statement as multi-row INSERTs of each :data:`ROWS_PER_INSERT` size
-        (fewer where SQLite's parameter limit says so), or None when it is not a plain
-        positional ``INSERT ... VALUES (...)``."""
-        if dialect.name != "sqlite":
+        """SQLite only: a ``rows_at_once`` statement as multi-row INSERTs of each
+        :data:`ROWS_PER_INSERT` size (fewer where SQLite's parameter limit says so); None for
+        any other statement."""
+        if dialect.name != "sqlite" or not self._rows_at_once:
             return None
         if self._multirow is None:
             sql, order, _defaults = self._compiled(dialect)
             head, found, values = sql.rpartition(" VALUES ")
-            plain = found and order and sql.lstrip().upper().startswith("INSERT") and values.startswith("(") and values.endswith(")")
-            if not plain or "RETURNING" in values.upper():
+            if not (found and order and values.startswith("(") and values.endswith(")") and values.count("(") == 1):
                 self._multirow = {}
             else:
                 width = max(1, values.count("?"))
@@ -578,7 +580,7 @@ class Prepared:
 def insert_all(table: Table, *, skip: tuple[str, ...] = ()) -> Prepared:
     """``INSERT`` of every column of ``table`` (but ``skip``), bound by column name."""
     columns = {c.name: bindparam(c.name) for c in table.c if c.name not in skip}
-    return Prepared(insert(table).values(columns).inline())
+    return Prepared(insert(table).values(columns).inline(), rows_at_once=True)
 
 
 class PreparedCache:

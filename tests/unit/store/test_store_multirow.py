@@ -61,3 +61,18 @@ def test_other_statements_keep_running_once_per_row(engine):
     with engine.begin() as conn:
         relabel.executemany(conn, [{"key": n, "new": f"new {n}"} for n in range(0, 5, 2)])
     assert [r[1] for r in stored(engine)] == ["new 0", "old", "new 2", "old", "new 4"]
+
+
+def test_only_plain_inserts_are_sent_as_multi_row_statements(engine):
+    """An upsert's tail (``ON CONFLICT ... DO UPDATE SET x = coalesce(...)``) must not be
+    repeated per row: only :func:`db.insert_all` statements are rewritten."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("the rewrite is SQLite's")
+    from sqlalchemy import func
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    upsert = sqlite_insert(rows_table).values(n=bindparam("n"), label=bindparam("label"), seven=bindparam("seven"))
+    upsert = upsert.on_conflict_do_update(index_elements=[rows_table.c.n], set_={"seven": func.coalesce(upsert.excluded.seven, 0)})
+    with engine.begin() as conn:
+        db.Prepared(upsert).executemany(conn, [{"n": n % 20, "label": "x", "seven": n} for n in range(40)])
+    assert [r[2] for r in stored(engine)] == list(range(20, 40))
