@@ -54,9 +54,9 @@ DEFAULTS: dict[str, Any] = {
     # many seconds, or as soon as this many wait; a process killed outright loses at most that window.
     "AUDIT_FLUSH_INTERVAL": 0.1,
     "AUDIT_MAX_BUFFER": 500,
-    # Stored events are indexed for search when the process is idle, or under sustained load as
-    # soon as more than this many wait (the first audit query after a burst indexes the rest:
-    # about 0.3 ms per event).
+    # Stored events are indexed for search when the gateway is nearly idle (see AuditLog.index),
+    # or under sustained load as soon as more than this many wait (the first audit query after
+    # a burst indexes the rest: about 0.3 ms per event).
     "AUDIT_INDEX_BACKLOG": 50_000,
     # Seconds between the worker's checks for discharged clients whose medication-assisted
     # treatment ran out without a new fill (pharmacy/monitor.py): no fill, no message, no Flag.

@@ -13,9 +13,9 @@ destination):
   (SIGKILL, power loss) held is lost, at most ``flush_interval`` seconds of reads.
 
   Buffered events are written to the store's append queue (``Store.append(...,
-  index_later=True)``: one row each, final), and indexed for search when the store is idle
-  (a flush interval in which this process recorded no event, read or write, and no process
-  queued one) or, under sustained load, as soon as more than
+  index_later=True)``: one row each, final), and indexed for search when the gateway is
+  nearly idle (a flush interval in which this process recorded no event, read or write, and
+  all processes together queued at most ``QUIET_EVENTS``) or, under sustained load, as soon as more than
   ``index_backlog`` events wait. Indexing an event costs several times what storing it does;
   leaving it for idle time keeps it off the requests' path. Nothing is ever missing from an
   answer: every read, search or history of AuditEvents indexes what is queued first (so the
@@ -259,6 +259,7 @@ def audit_event(
 # --- storing them ----------------------------------------------------------------------------------
 
 INDEX_CHUNK = 200  # queued events indexed per idle tick: a short hold of the write lock (~20 ms)
+QUIET_EVENTS = INDEX_CHUNK // 10  # events all processes may queue in a tick that still counts as quiet
 HARD_LIMIT_FACTOR = 4  # buffered events beyond max_buffer x this: the recording thread writes them itself
 KEEP_ON_FAILURE_FACTOR = 20  # events kept for a retry while the database fails, beyond which the oldest go
 
@@ -360,15 +361,17 @@ class AuditLog:
         write lock is held briefly and the requests' writes go on between chunks. Returns how
         many were indexed.
 
-        Quiet means this process is ``idle`` (it recorded nothing since the last call) and no
-        process queued an event since the last call either (the newest queued number has not
-        moved): a worker that is idle only because its siblings got the connections must not
-        spend the cores they are serving on.
+        Quiet means this process is ``idle`` (it recorded nothing since the last call) and all
+        processes together queued at most :data:`QUIET_EVENTS` events since the last call (the
+        newest queued number moved that little; 200 a second at the default interval): a
+        worker that is idle only because its siblings got the connections of a busy gateway
+        must not spend the cores they are serving on, yet a trickle of requests does not stop
+        indexing.
         """
         span = self.store.appended_span()
         newest = None if span is None else span[1]
-        quiet = idle and newest == self._newest_seen
-        self._newest_seen = newest
+        seen, self._newest_seen = self._newest_seen, newest
+        quiet = idle and (newest == seen or (newest is not None and seen is not None and newest - seen <= QUIET_EVENTS))
         backlog = 0 if span is None else span[1] - span[0] + 1
         wanted = min(backlog if quiet else backlog - self.index_backlog, INDEX_CHUNK)
         return self.store.index_appended(wanted, wait=False) if wanted > 0 else 0
