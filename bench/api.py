@@ -70,7 +70,7 @@ def floor_app(database_url: str) -> Any:
     from iop_fhir.store import Store
 
     app = Flask("floor")
-    store = Store.open(database_url)
+    store = app.extensions["floor.store"] = Store.open(database_url)
     store.close()  # connections are opened per worker after the fork
 
     @app.get("/healthz")
@@ -206,10 +206,11 @@ def in_process(database_url: str, scenarios: dict[str, tuple[str, list[str], byt
             rows.append((name, served, cpu_ms(name)))
     audit.close()
     for app in apps.values():
-        if STORE_KEY in app.extensions:
-            app.extensions[STORE_KEY].close()
+        for key in (STORE_KEY, "floor.store"):
+            if key in app.extensions:
+                app.extensions[key].close()
     floor = rows[0][1]
-    print(f"\nin process ({count} requests each, creates a quarter of that; no server, no socket): CPU per request")
+    print(f"\nin process ({count} requests each, creates a quarter of that; no server, no socket, auth off): CPU per request")
     print(f"{'scenario':<10}{'ms':>8}{'floor/ms':>10}{'no audit ms':>13}{'floor/ms':>10}{'audit share':>13}")
     for name, served, bare in rows:
         if bare is None:
@@ -342,6 +343,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.in_process < 0:
+        parser.error("--in-process: a number of requests, 0 or more")
     if args.serve:
         serve(args.serve, args.port, args.database_url, args.workers, args.worker_class, args.threads, args.auth)
         return
