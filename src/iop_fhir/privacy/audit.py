@@ -15,8 +15,8 @@ destination):
   Buffered events are written to the store's append queue (``Store.append(...,
   index_later=True)``: one row each, final), and indexed for search when the gateway is
   nearly idle (a flush interval in which this process recorded no event, read or write, and
-  all processes together queued at most ``QUIET_EVENTS``) or, under sustained load, as soon as more than
-  ``index_backlog`` events wait. Indexing an event costs several times what storing it does;
+  all processes together queued at most ``QUIET_EVENTS``) or, under sustained load, as soon
+  as more than ``index_backlog`` events wait. Indexing an event costs several times what storing it does;
   leaving it for idle time keeps it off the requests' path. Nothing is ever missing from an
   answer: every read, search or history of AuditEvents indexes what is queued first (so the
   first query after a long burst waits for that work).
