@@ -369,10 +369,12 @@ class AuditLog:
         indexing.
         """
         span = self.store.appended_span()
-        newest = None if span is None else span[1]
-        seen, self._newest_seen = self._newest_seen, newest
-        quiet = idle and (newest == seen or (newest is not None and seen is not None and newest - seen <= QUIET_EVENTS))
-        backlog = 0 if span is None else span[1] - span[0] + 1
+        if span is None:  # nothing waits
+            self._newest_seen = None
+            return 0
+        seen, self._newest_seen = self._newest_seen, span.newest
+        quiet = idle and seen is not None and span.newest - seen <= QUIET_EVENTS
+        backlog = span.backlog
         wanted = min(backlog if quiet else backlog - self.index_backlog, INDEX_CHUNK)
         return self.store.index_appended(wanted, wait=False) if wanted > 0 else 0
 

@@ -577,6 +577,19 @@ class _Appended(NamedTuple):
     body: JSON  # what the search index reads (fractional numbers may be floats)
 
 
+class AppendQueueSpan(NamedTuple):
+    """The sequence numbers of the oldest and the newest resource waiting in the append queue."""
+
+    oldest: int
+    newest: int
+
+    @property
+    def backlog(self) -> int:
+        """About how many wait: rows indexed out of order (PostgreSQL's skipped rows) or numbers
+        a rolled back append used up make it an over-estimate, never an under-estimate."""
+        return self.newest - self.oldest + 1
+
+
 class _Current(NamedTuple):
     """The current version of a resource as a write sees it (raw driver values)."""
 
@@ -1274,19 +1287,16 @@ class Store(_Operations):
         return done
 
     def appended_backlog(self) -> int:
-        """About how many resources wait in the append queue: the span of their sequence
-        numbers, so rows indexed out of order (PostgreSQL's skipped rows) or numbers a rolled
-        back append used up make it an over-estimate, never an under-estimate."""
+        """About how many resources wait in the append queue (:attr:`AppendQueueSpan.backlog`)."""
         span = self.appended_span()
-        return 0 if span is None else span[1] - span[0] + 1
+        return 0 if span is None else span.backlog
 
-    def appended_span(self) -> tuple[int, int] | None:
-        """The sequence numbers of the oldest and the newest resource waiting in the append
-        queue (None: nothing waits). The newest moves whenever any process appends, so an
-        unchanged one tells a background indexer that the whole store, not just its own
-        process, has been quiet."""
+    def appended_span(self) -> AppendQueueSpan | None:
+        """What waits in the append queue (None: nothing). Its newest number moves whenever
+        any process appends, so a background indexer sees whether the whole store, not just
+        its own process, has been quiet."""
         row = _BACKLOG.first(self.engine, {})
-        return None if row is None or row[0] is None else (int(row[0]), int(row[1]))
+        return None if row is None or row[0] is None else AppendQueueSpan(int(row[0]), int(row[1]))
 
     def _catch_up(self, resource_type: str) -> None:
         # A read of the audit trail is a write when events wait: called from a thread that is
