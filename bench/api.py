@@ -84,14 +84,18 @@ def floor_app(database_url: str) -> Any:
     return app
 
 
+def gateway_settings(database_url: str, auth: bool = False) -> dict[str, Any]:
+    settings = {"DATABASE_URL": database_url, "LOG_LEVEL": "WARNING", "AUTH": "on" if auth else "off"}
+    return {**settings, "JWT_SECRET": SECRET} if auth else settings
+
+
 def serve(kind: str, port: int, database_url: str, workers: int, worker_class: str, threads: int, auth: bool) -> None:
     from iop_fhir.serve import build_app, gunicorn_options, run_gunicorn
 
     if kind == "floor":
         app = floor_app(database_url)
     else:
-        settings = {"DATABASE_URL": database_url, "LOG_LEVEL": "WARNING", "AUTH": "on" if auth else "off"}
-        app = build_app({**settings, "JWT_SECRET": SECRET} if auth else settings)
+        app = build_app(gateway_settings(database_url, auth))
     run_gunicorn(app, gunicorn_options("127.0.0.1", port, workers, threads=threads, worker_class=worker_class))
 
 
@@ -113,7 +117,7 @@ def load(database_url: str, patients: int, seed: int) -> tuple[list[str], list[s
     from iop_fhir.generate import generate_cohort
     from iop_fhir.serve import build_app, load_records
 
-    app = build_app({"DATABASE_URL": database_url, "AUTH": "off", "LOG_LEVEL": "WARNING"})
+    app = build_app(gateway_settings(database_url))
     started = time.perf_counter()
     for _ in load_records(app, generate_cohort(patients, seed)):
         pass
@@ -153,7 +157,7 @@ def in_process(database_url: str, scenarios: dict[str, tuple[str, list[str], byt
     from iop_fhir.api.disclosure import GATE_KEY
     from iop_fhir.serve import build_app
 
-    apps = {"floor": floor_app(database_url), "gateway": build_app({"DATABASE_URL": database_url, "AUTH": "off", "LOG_LEVEL": "WARNING"})}
+    apps = {"floor": floor_app(database_url), "gateway": build_app(gateway_settings(database_url))}
     audit = apps["gateway"].extensions[GATE_KEY].audit
     # as serve.run_gunicorn does before its workers fork: the loaded code's objects out of the
     # collector's reach (without it, full collections cost a read about a sixth more CPU here)
@@ -201,8 +205,11 @@ def in_process(database_url: str, scenarios: dict[str, tuple[str, list[str], byt
             continue
         # what each request does for its AuditEvent: note what it touched, build and record
         # the event (after the response, or in the write's unit of work)
-        unaudited = [mock.patch.object(disclosure, name, lambda *_a, **_k: None) for name in ("note", "audit_write")]
-        with unaudited[0], unaudited[1], mock.patch.object(disclosure, "_audited", lambda _path: False):
+        with (
+            mock.patch.object(disclosure, "note", lambda *_a, **_k: None),
+            mock.patch.object(disclosure, "audit_write", lambda *_a, **_k: None),
+            mock.patch.object(disclosure, "_audited", lambda _path: False),
+        ):
             rows.append((name, served, cpu_ms(name)))
     audit.close()
     for app in apps.values():
